@@ -1,0 +1,102 @@
+"""The only place that turns a recipe into objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks import ConsoleReport, MetricsWriter
+from .checkpoint import RunDir
+from .config import DatasetSpec, RunConfig, to_yaml
+from .data.datasets import build_dataset
+from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
+from .errors import ConfigError
+from .training import OptimSpec, seed_everything
+
+
+def build_dataset_from(spec: DatasetSpec, cfg: RunConfig, *, with_labels: bool) -> Any:
+    return build_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
+                         num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index,
+                         with_labels=with_labels)
+
+
+def build_data(cfg: RunConfig) -> RunData:
+    """Source (with labels), target (labels hidden from training) and target val."""
+    source = build_dataset_from(cfg.data.source, cfg, with_labels=True)
+    target = build_dataset_from(cfg.data.target, cfg, with_labels=False)
+    val = build_dataset_from(cfg.data.target_val, cfg, with_labels=True) if cfg.data.target_val else None
+    names = class_names(cfg, source)
+    return RunData(
+        source=source, target=target, target_val=val, num_classes=cfg.data.num_classes, class_names=names,
+        ignore_index=cfg.data.ignore_index, flip=cfg.augment.flip, crop=cfg.augment.crop, scale=cfg.augment.scale,
+        num_workers=cfg.data.num_workers, eval_batch=cfg.eval.batch_size, pseudo_batch=cfg.pseudo_batch_size,
+    )
+
+
+def class_names(cfg: RunConfig, dataset: Any) -> list[str]:
+    """Recipe class names, else the data set's; their count must equal data.num_classes."""
+    names = cfg.data.class_names or list(getattr(dataset, "class_names", []) or [])
+    if not names:
+        return [f"class_{i}" for i in range(cfg.data.num_classes)]
+    if len(names) != cfg.data.num_classes:
+        raise ConfigError(f"data.num_classes is {cfg.data.num_classes} but the source data set has {len(names)} "
+                          f"classes ({', '.join(names)}); set data.num_classes: {len(names)}")
+    return list(names)
+
+
+def build_adapter(cfg: RunConfig) -> Any:
+    from selftrain.adapters import create_adapter
+
+    try:
+        return create_adapter(cfg.model.name, num_classes=cfg.data.num_classes,
+                              ignore_index=cfg.data.ignore_index, **cfg.model.options)
+    except TypeError as exc:
+        raise ConfigError(f"model.options do not fit adapter {cfg.model.name}: {exc}") from None
+
+
+def build_policy(cfg: RunConfig) -> Any:
+    from .policies import create_policy
+
+    if cfg.rounds.count == 0:
+        return None
+    kwargs: dict[str, Any] = {"num_classes": cfg.data.num_classes, "ignore_index": cfg.data.ignore_index}
+    if cfg.policy.name.endswith("_sp"):
+        if not cfg.policy.prior:
+            raise ConfigError(f"policy {cfg.policy.name} needs policy.prior: the path of a prior built with "
+                              "`selftrain priors build`")
+        from .priors import load_prior
+
+        kwargs["prior"] = load_prior(cfg.policy.prior, num_classes=cfg.data.num_classes)
+    elif cfg.policy.prior:
+        raise ConfigError(f"policy.prior is only used by st_sp and cbst_sp, not {cfg.policy.name}; remove it")
+    return create_policy(cfg.policy.name, **kwargs)
+
+
+def build_plan(cfg: RunConfig, n_target: int) -> Plan:
+    st = cfg.source_training
+    source_phase = SourcePhase(steps=st.steps, batch_size=st.batch_size, lr_schedule=st.lr_schedule,
+                               optim=OptimSpec(**st.optim.__dict__)) if st.enabled else None
+    r = cfg.rounds
+    rounds = plan_rounds(count=r.count, portion=r.portion, source_share=r.source_share, steps=r.steps,
+                         target_epochs=r.target_epochs, n_target=n_target, batch_target=r.batch_target,
+                         lr=r.optim.lr, lr_decay=r.lr_decay)
+    m = cfg.policy.mining
+    return Plan(source_phase=source_phase, rounds=rounds, optim=OptimSpec(**r.optim.__dict__),
+                batch_source=r.batch_source, batch_target=r.batch_target,
+                mining=Mining(enabled=m.enabled, rare_share=m.rare_share, probability=m.probability),
+                init_checkpoint=cfg.model.checkpoint)
+
+
+def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
+    """Every object of a run, from a validated recipe."""
+    if cfg.device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} is not available on this machine; set device: cpu")
+    data = build_data(cfg)
+    seed_everything(cfg.seed)  # the model's initial weights depend on the seed alone
+    return Engine(
+        adapter=build_adapter(cfg), policy=build_policy(cfg), data=data, plan=build_plan(cfg, len(data.target)),
+        run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=cfg.device,
+        callbacks=[MetricsWriter(), ConsoleReport()],
+    )

@@ -1,0 +1,1 @@
+"""Data sets (the embedded synthetic benchmark and folder layouts), transforms and samplers."""

@@ -1,0 +1,258 @@
+"""The round loop (CBST §3, Fig. 1): label the target set, keep the confident part, fine-tune, repeat.
+
+The engine only orchestrates; thresholds live in the policy, files in the store and checkpoint
+modules, steps in :mod:`selftrain.training`, reporting in callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, set_rng_state
+from .data.transforms import Augment, PseudoLabeled
+from .pseudo import label_target
+from .store import PseudoLabelWriter, open_round
+from .training import OptimSpec, batches, evaluate, make_optimizer, make_scheduler, seed_everything, train_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """One self-training round: target portion p, source share, steps and learning rate."""
+
+    index: int
+    portion: float
+    source_share: float
+    steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class SourcePhase:
+    """Round 0: supervised source-only training."""
+
+    steps: int
+    batch_size: int
+    lr_schedule: str
+    optim: OptimSpec
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Data sets and the per-sample options the engine applies to them."""
+
+    source: Dataset
+    target: Dataset
+    target_val: Dataset | None
+    num_classes: int
+    class_names: Sequence[str]
+    ignore_index: int = 255
+    flip: bool = True
+    crop: Sequence[int] | None = None
+    scale: Sequence[float] | None = None
+    num_workers: int = 0
+    eval_batch: int = 8
+    pseudo_batch: int = 8
+
+
+@dataclass(frozen=True)
+class Mining:
+    """Rare-class hard-sample mining for target crops (CBST §5)."""
+
+    enabled: bool = False
+    rare_share: float = 1e-3
+    probability: float = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to train: round 0 (or a checkpoint to start from) and the self-training rounds."""
+
+    source_phase: SourcePhase | None
+    rounds: list[RoundSpec]
+    optim: OptimSpec
+    batch_source: int
+    batch_target: int
+    mining: Mining = field(default_factory=Mining)
+    init_checkpoint: str | None = None
+
+
+@dataclass
+class Engine:
+    """Runs round 0 (optional) and the self-training rounds, checkpointing after each."""
+
+    adapter: Any
+    policy: Any
+    data: RunData
+    plan: Plan
+    run_dir: RunDir
+    recipe_yaml: str
+    seed: int = 0
+    device: str = "cpu"
+    callbacks: list[Any] = field(default_factory=list)
+
+    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Run (or continue) every round; returns one metrics record per round."""
+        self.adapter.to(self.device)
+        last = self.run_dir.prepare(self.recipe_yaml, resume)
+        if last is not None:
+            self._restore(last)
+            log.info("resuming %s after round %d", self.run_dir.root, last)
+        else:
+            self._round_zero()
+        for spec in self.plan.rounds:
+            if last is None or spec.index > last:
+                self._round(spec)
+        self._emit("on_run_end", records=self.records())
+        return self.records()
+
+    def records(self) -> list[dict[str, Any]]:
+        path = self.run_dir.metrics
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+    # -- round 0 ---------------------------------------------------------------------------------
+
+    def _round_zero(self) -> None:
+        seed_everything(self._seed(0))
+        if self.plan.init_checkpoint:
+            self.adapter.load_state_dict(load_checkpoint(self.plan.init_checkpoint)["model"])
+            losses: dict[str, float] = {}
+        elif self.plan.source_phase is not None and self.plan.source_phase.steps > 0:
+            losses = self._train_source(self.plan.source_phase)
+        else:
+            losses = {}
+        self._finish_round(0, {"phase": "source_only", "losses": losses})
+
+    def _train_source(self, phase: SourcePhase) -> dict[str, float]:
+        gen = seed_everything(self._seed(0))
+        stream = batches(self._augmented(self.data.source), phase.batch_size, gen, self.data.num_workers)
+        optimizer = make_optimizer(self.adapter.parameters(), phase.optim)
+        scheduler = make_scheduler(optimizer, phase.lr_schedule, phase.steps)
+
+        def step() -> dict[str, torch.Tensor]:
+            return self._losses("src", next(stream))
+
+        return train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=phase.steps,
+                           desc="round 0: source")
+
+    # -- self-training rounds --------------------------------------------------------------------
+
+    def _round(self, spec: RoundSpec) -> None:
+        seed_everything(self._seed(spec.index))
+        labeling = self._label(spec)
+        losses = self._fine_tune(spec, labeling.predicted_pixels)
+        self._finish_round(spec.index, {"phase": "self_training", "portion": spec.portion, "lr": spec.lr,
+                                        "source_share": spec.source_share, "steps": spec.steps,
+                                        "losses": losses, "pseudo": labeling.to_dict()})
+
+    def _label(self, spec: RoundSpec):
+        path = self.run_dir.pseudo(spec.index)
+        writer = PseudoLabelWriter(
+            path, task="segmentation", round=spec.index, policy=self.policy.name, portion=spec.portion,
+            num_classes=self.data.num_classes, class_names=list(self.data.class_names),
+            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
+            checkpoint=str(self.run_dir.checkpoint(spec.index - 1)),
+        )
+        with writer:
+            return label_target(
+                adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
+                writer=writer, scratch=path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
+                device=torch.device(self.device), ignore_index=self.data.ignore_index,
+            )
+
+    def _fine_tune(self, spec: RoundSpec, predicted_pixels: list[int]) -> dict[str, float]:
+        gen = seed_everything(self._seed(spec.index) + 1)
+        reader = open_round(self.run_dir.pseudo(spec.index))
+        target = self._augmented(PseudoLabeled(self.data.target, reader), self._mine(predicted_pixels))
+        target_stream = batches(target, self.plan.batch_target, gen, self.data.num_workers)
+        source_stream = self._source_stream(spec, gen)
+        optimizer = make_optimizer(self.adapter.parameters(), self.plan.optim, lr=spec.lr)
+        scheduler = make_scheduler(optimizer, "constant", spec.steps)
+
+        def step() -> dict[str, torch.Tensor]:
+            losses = self._losses("src", next(source_stream)) if source_stream is not None else {}
+            return {**losses, **self._losses("tgt", next(target_stream))}
+
+        try:
+            return train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=spec.steps,
+                               desc=f"round {spec.index}: fine-tune")
+        finally:
+            reader.close()
+
+    def _losses(self, prefix: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One forward per domain; the adapter's named losses under ``prefix/``."""
+        out = self.adapter.forward_train(batch["image"].to(self.device), batch["label"].to(self.device))
+        return {f"{prefix}/{k}": v for k, v in out.losses.items()}
+
+    def _source_stream(self, spec: RoundSpec, gen: torch.Generator):
+        if self.plan.batch_source == 0 or spec.source_share <= 0:
+            return None
+        n = len(self.data.source)
+        count = min(n, max(self.plan.batch_source, round(spec.source_share * n)))
+        subset = Subset(self.data.source, torch.randperm(n, generator=gen)[:count].tolist())
+        return batches(self._augmented(subset), self.plan.batch_source, gen, self.data.num_workers)
+
+    def _mine(self, predicted_pixels: list[int]) -> list[int]:
+        if not self.plan.mining.enabled:
+            return []
+        from .policies.functional import rare_classes
+
+        return rare_classes(torch.tensor(predicted_pixels), self.plan.mining.rare_share).tolist()
+
+    def _augmented(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
+        return Augment(dataset, flip=self.data.flip, crop=self.data.crop, scale=self.data.scale, mine_classes=mine_classes,
+                       mine_probability=self.plan.mining.probability, ignore_index=self.data.ignore_index)
+
+    # -- evaluation, checkpoints, resume ---------------------------------------------------------
+
+    def _finish_round(self, index: int, record: dict[str, Any]) -> None:
+        record = {"round": index, **record}
+        if self.data.target_val is not None:
+            record["eval"] = evaluate(self.adapter, self.data.target_val, num_classes=self.data.num_classes,
+                                      ignore_index=self.data.ignore_index, batch_size=self.data.eval_batch,
+                                      device=torch.device(self.device), desc=f"round {index}: evaluate")
+        self._emit("on_round_end", record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
+        path = self.run_dir.checkpoint(index)
+        save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
+                        policy=self._policy_state(), metrics=record.get("eval"))
+        link_atomic(path, self.run_dir.last)
+
+    def _policy_state(self) -> dict[str, Any] | None:
+        return self.policy.state_dict() if self.policy is not None else None
+
+    def _restore(self, last: int) -> None:
+        state = load_checkpoint(self.run_dir.checkpoint(last))
+        self.adapter.load_state_dict(state["model"])
+        if self.policy is not None and state.get("policy"):
+            self.policy.load_state_dict(state["policy"])
+        set_rng_state(state["rng"])
+
+    def _seed(self, round_index: int) -> int:
+        # Each round draws from its own stream so a resumed run repeats the rounds it redoes exactly.
+        return self.seed * 1000 + round_index * 17
+
+    def _emit(self, event: str, **kwargs: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(**kwargs)
+
+
+def plan_rounds(*, count: int, portion, source_share, steps: int | None, target_epochs: float, n_target: int,
+                batch_target: int, lr: float, lr_decay: str) -> list[RoundSpec]:
+    """The schedule: p and the source share ramp per round; lr constant or divided by sqrt(2) per round."""
+    if steps is None:
+        steps = max(1, math.ceil(target_epochs * n_target / batch_target))
+    out = []
+    for r in range(1, count + 1):
+        round_lr = lr / (math.sqrt(2) ** (r - 1)) if lr_decay == "sqrt2" else lr
+        out.append(RoundSpec(index=r, portion=portion.at(r), source_share=source_share.at(r), steps=steps, lr=round_lr))
+    return out

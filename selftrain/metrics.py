@@ -1,0 +1,51 @@
+"""Segmentation metrics: a streaming confusion matrix and mIoU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ConfusionMatrix:
+    """Accumulates a [C, C] confusion matrix (rows: ground truth, columns: prediction)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add a batch. Shape: pred, gt [...] integer; ``ignore_index`` in gt or pred is skipped."""
+        pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
+        keep = (gt != self.ignore_index) & (pred != self.ignore_index)
+        idx = gt[keep] * self.num_classes + pred[keep]
+        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, -1)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU [C]; NaN for a class absent from both ground truth and prediction."""
+        m = self.matrix.double()
+        tp = m.diag()
+        union = m.sum(0) + m.sum(1) - tp
+        out = tp / union
+        out[union == 0] = float("nan")
+        return out.numpy()
+
+    def precision(self) -> np.ndarray:
+        """Per-class precision [C]: correct over predicted; NaN where nothing was predicted."""
+        m = self.matrix.double()
+        predicted = m.sum(0)
+        out = m.diag() / predicted
+        out[predicted == 0] = float("nan")
+        return out.numpy()
+
+    def accuracy(self) -> float:
+        total = int(self.matrix.sum())
+        return float(self.matrix.diag().sum()) / total if total else float("nan")
+
+
+def miou(pred, gt, num_classes: int, ignore_index: int = 255) -> tuple[float, np.ndarray]:
+    """Mean IoU over the classes present in ground truth or prediction, and per-class IoU [C]."""
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm.update(torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(gt)))
+    per_class = cm.iou()
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"), per_class

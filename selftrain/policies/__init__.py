@@ -1,0 +1,42 @@
+"""Pseudo-label policies behind one registry: ``create_policy("cbst_sp", prior=q)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry
+from .threshold import ThresholdPolicy
+
+POLICIES: Registry[Any] = Registry("policy")
+
+
+@POLICIES.register("st")
+def st(**kwargs: Any) -> ThresholdPolicy:
+    """ST: one confidence threshold over all target pixels (CBST Algorithm 1)."""
+    return ThresholdPolicy(name="st", class_balanced=False, **kwargs)
+
+
+@POLICIES.register("cbst")
+def cbst(**kwargs: Any) -> ThresholdPolicy:
+    """CBST: one threshold per class over the pixels predicted as that class (Algorithm 2)."""
+    return ThresholdPolicy(name="cbst", class_balanced=True, **kwargs)
+
+
+@POLICIES.register("st_sp")
+def st_sp(*, prior: Any, **kwargs: Any) -> ThresholdPolicy:
+    """ST-SP: ST on prior-weighted potentials q * p (CBST appendix, GTA5 -> BDD ablation)."""
+    return ThresholdPolicy(name="st_sp", class_balanced=False, prior=prior, **kwargs)
+
+
+@POLICIES.register("cbst_sp")
+def cbst_sp(*, prior: Any, **kwargs: Any) -> ThresholdPolicy:
+    """CBST-SP: CBST on prior-weighted potentials q * p (§4.4, eq. 8)."""
+    return ThresholdPolicy(name="cbst_sp", class_balanced=True, prior=prior, **kwargs)
+
+
+def create_policy(name: str, **kwargs: Any) -> Any:
+    """Build a registered policy by name; an unknown name lists the registered ones."""
+    return POLICIES.get(name)(**kwargs)
+
+
+__all__ = ["POLICIES", "ThresholdPolicy", "create_policy"]

@@ -1,0 +1,134 @@
+"""Offline pseudo-label policies: ST, CBST, ST-SP and CBST-SP (Zou et al., ECCV 2018, arXiv:1810.07911).
+
+Each class only holds state (the streaming histogram, the prior, the fitted costs); the maths is
+in :mod:`selftrain.policies.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..priors import resize_prior
+from ..types import SegPrediction, SegPseudoLabels
+from . import functional as F
+
+
+class ThresholdPolicy:
+    """Confidence-threshold self-training: observe a target pass, ``fit(portion)``, then ``select``.
+
+    Args:
+        num_classes: classes of the segmenter; taken from the first input when None.
+        class_balanced: one threshold per class (CBST, Algorithm 2) instead of one (ST, Algorithm 1).
+        prior: spatial prior q [C, H, W] (CBST-SP); resized to each input size and renormalised.
+        ignore_index: label of unselected pixels.
+
+    ``observe``/``select`` take softmax probabilities [B, C, H, W] or a :class:`SegPrediction`
+    holding logits (preferred: costs from logits do not saturate).
+    """
+
+    offline = True
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        class_balanced: bool,
+        num_classes: int | None = None,
+        prior: np.ndarray | torch.Tensor | None = None,
+        ignore_index: int = F.IGNORE,
+    ) -> None:
+        self.name = name
+        self.class_balanced = class_balanced
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.prior = None if prior is None else torch.as_tensor(np.asarray(prior), dtype=torch.float32)
+        self._log_prior_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the statistics of the previous pass."""
+        self.hist: torch.Tensor | None = None
+        self.costs: torch.Tensor | None = None
+        self.portion: float | None = None
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Per-class thresholds ``exp(-k_c)`` [C] (all equal for ST)."""
+        if self.costs is None:
+            raise RuntimeError("call fit(portion) before reading thresholds")
+        return torch.exp(-self.costs).float()
+
+    @property
+    def predicted_pixels(self) -> torch.Tensor:
+        """Pixels predicted as each class during the observed pass [C]."""
+        return self._hist().sum(dim=1)
+
+    def observe(self, pred: torch.Tensor | SegPrediction, valid: torch.Tensor | None = None) -> None:
+        """Add one batch to the statistics. ``valid`` [B, H, W] bool excludes pixels (padding)."""
+        logpot = self._log_potentials(pred)
+        label, cost = F.predicted_cost(logpot)
+        if self.hist is None:
+            self.hist = F.empty_histogram(logpot.shape[1])
+        F.accumulate_histogram(self.hist, label, cost, valid)
+
+    def fit(self, portion: float) -> torch.Tensor:
+        """Thresholds for pseudo-label portion ``portion`` in (0, 1]; returns them [C]."""
+        if not 0.0 < portion <= 1.0:
+            raise ValueError(f"portion must be in (0, 1], got {portion}")
+        fit = F.class_balanced_costs if self.class_balanced else F.global_costs
+        self.costs = fit(self._hist(), portion)
+        self.portion = portion
+        return self.thresholds
+
+    def select(self, pred: torch.Tensor | SegPrediction) -> torch.Tensor:
+        """Pseudo-labels int64 [B, H, W], ``ignore_index`` where not selected."""
+        return self.select_with_confidence(pred).labels
+
+    def select_with_confidence(self, pred: torch.Tensor | SegPrediction) -> SegPseudoLabels:
+        """Pseudo-labels and the softmax probability of the assigned class [B, H, W]."""
+        if self.costs is None:
+            raise RuntimeError("call fit(portion) before select()")
+        logp = self._log_probs(pred)
+        labels, _ = F.select(F.log_potentials(logp, self._log_prior(logp)), self.costs, self.ignore_index)
+        conf = logp.gather(1, labels.clamp(max=logp.shape[1] - 1).unsqueeze(1)).squeeze(1).exp()
+        conf = torch.where(labels == self.ignore_index, torch.zeros_like(conf), conf)
+        return SegPseudoLabels(labels=labels, confidence=conf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "hist": self.hist, "costs": self.costs, "portion": self.portion}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state of policy {state.get('name')!r} cannot load into {self.name!r}")
+        self.hist, self.costs, self.portion = state["hist"], state["costs"], state["portion"]
+
+    def _hist(self) -> torch.Tensor:
+        if self.hist is None:
+            raise RuntimeError("observe() at least one batch before fit()")
+        return self.hist
+
+    def _log_probs(self, pred: torch.Tensor | SegPrediction) -> torch.Tensor:
+        if isinstance(pred, SegPrediction):
+            logp = F.log_softmax_precise(pred.logits)
+        else:
+            logp = F.log_probs(pred)
+        if self.num_classes is not None and logp.shape[1] != self.num_classes:
+            raise ValueError(f"policy expects {self.num_classes} classes, got {logp.shape[1]}")
+        return logp
+
+    def _log_potentials(self, pred: torch.Tensor | SegPrediction) -> torch.Tensor:
+        logp = self._log_probs(pred)
+        return F.log_potentials(logp, self._log_prior(logp))
+
+    def _log_prior(self, logp: torch.Tensor) -> torch.Tensor | None:
+        if self.prior is None:
+            return None
+        size = (logp.shape[-2], logp.shape[-1])
+        if size not in self._log_prior_cache:
+            if self.prior.shape[0] != logp.shape[1]:
+                raise ValueError(f"prior has {self.prior.shape[0]} classes, the model {logp.shape[1]}")
+            self._log_prior_cache[size] = torch.log(resize_prior(self.prior, size).float())
+        return self._log_prior_cache[size]

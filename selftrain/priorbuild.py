@@ -1,0 +1,67 @@
+"""``selftrain priors build``: stream a source data set's labels into a spatial prior file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .config import parse_override, load_recipe
+from .data.datasets import build_dataset
+from .errors import ConfigError, DataError
+from .priors import build_spatial_prior, plot_prior, save_prior, scaled_kernel_size
+from .progress import progress
+
+
+def _source_dataset(dataset: str, root: str | None, split: str, options: Sequence[str],
+                    num_classes: int | None, overrides: Sequence[str] = ()):
+    """A recipe's data.source, or a registered data set named on the command line."""
+    if dataset.endswith((".yaml", ".yml")):
+        cfg = load_recipe(dataset, list(overrides))
+        spec = cfg.data.source
+        ds = build_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
+                           num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index)
+        return ds, cfg.data.num_classes, cfg.data.ignore_index, f"{dataset}: data.source ({spec.name})"
+    opts = dict(parse_override(o) for o in options)
+    ds = build_dataset(dataset, root=root, split=split, options=opts, num_classes=num_classes or 0,
+                       ignore_index=255)
+    names = getattr(ds, "class_names", None)
+    classes = num_classes or (len(names) if names else None)
+    if classes is None:
+        raise ConfigError(f"data set {dataset} does not name its classes; pass --num-classes")
+    return ds, classes, 255, f"{dataset} root={root} split={split} {' '.join(options)}".strip()
+
+
+def _labels(ds) -> Iterator[np.ndarray]:
+    for i in progress(range(len(ds)), desc="priors: count", unit="img"):
+        gt = ds.ground_truth(i) if hasattr(ds, "ground_truth") else ds[i]["label"].numpy()
+        if gt is None:
+            raise DataError(f"image {i} of the source set has no label; spatial priors need labelled source data")
+        yield gt
+
+
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {size!r} must look like HxW, e.g. 64x128") from None
+    return h, w
+
+
+def build_prior_command(*, dataset: str, root: str | None, split: str, options: Sequence[str],
+                        num_classes: int | None, out: str, size: str | None, ksize: int | None,
+                        plot: bool, command: str, overrides: Sequence[str] = ()) -> str:
+    """Build, save (with its MANIFEST entry) and optionally plot a prior; returns a summary line."""
+    ds, classes, ignore, source = _source_dataset(dataset, root, split, options, num_classes, overrides)
+    hw = _parse_size(size)
+    height = hw[0] if hw else ds.ground_truth(0).shape[0] if hasattr(ds, "ground_truth") else ds[0]["label"].shape[0]
+    k = ksize or scaled_kernel_size(height)
+    prior = build_spatial_prior(_labels(ds), classes, k, size=hw, ignore_index=ignore)
+    names = list(getattr(ds, "class_names", None) or [f"class_{i}" for i in range(classes)])
+    entry = save_prior(out, prior, class_names=names, source=source, command=command, ksize=k)
+    if plot:
+        plot_prior(prior, names, Path(out).with_suffix(".png"))
+    return f"wrote prior {out} shape {tuple(prior.shape)} ksize {k} sha256 {entry['sha256'][:12]}"

@@ -1,0 +1,132 @@
+"""Offline pseudo-labelling of the target set: one network pass, then selection from a cache.
+
+Pass 1 runs the teacher once over the target images, feeds the policy's streaming statistics and
+writes the logits as float16 to a scratch file; ``policy.fit(portion)`` sets the thresholds; pass 2
+reads the scratch file back batch by batch, selects and writes the round's HDF5 file. Host memory
+holds one batch at a time whatever the size of the target set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .metrics import ConfusionMatrix
+from .progress import progress
+from .store import PseudoLabelWriter
+from .training import collate
+from .types import SegPrediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelingResult:
+    """Per-class statistics of one round's pseudo-labels ([C] lists)."""
+
+    thresholds: list[float]
+    predicted_pixels: list[int]
+    selected_pixels: list[int]
+    precision: list[float | None] | None  # against target ground truth when the split has it
+    selected_share: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class LogitCache:
+    """Append-only float16 scratch file of logit batches, read back in the same order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __enter__(self) -> "LogitCache":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")
+        return self
+
+    def write(self, logits: torch.Tensor) -> torch.Tensor:
+        """Store a batch; returns the float16-rounded logits so both passes see identical values."""
+        half = logits.detach().to("cpu", torch.float16).contiguous()
+        self._fh.write(half.numpy().tobytes())
+        self.shapes.append(tuple(half.shape))
+        return half.float()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fh.close()
+
+    def read(self):
+        with open(self.path, "rb") as fh:
+            for shape in self.shapes:
+                n = int(np.prod(shape))
+                data = np.frombuffer(fh.read(n * 2), dtype=np.float16).reshape(shape)
+                yield torch.from_numpy(data.astype(np.float32))
+
+    def remove(self) -> None:
+        if self.path.exists():
+            os.remove(self.path)
+
+
+def label_target(
+    *, adapter, policy, dataset: Dataset, portion: float, writer: PseudoLabelWriter, scratch: Path,
+    batch_size: int, device: torch.device, ignore_index: int,
+) -> LabelingResult:
+    """Generate, select and store one round of pseudo-labels for ``dataset`` (in its order)."""
+    policy.reset()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    ids: list[list[str]] = []
+    cache = LogitCache(scratch)
+    try:
+        with cache:
+            for batch in progress(loader, desc="pseudo-labels: predict", unit="batch"):
+                logits = cache.write(adapter.predict(batch["image"].to(device)).logits)
+                policy.observe(SegPrediction(logits=logits))
+                ids.append(batch["id"])
+        thresholds = policy.fit(portion)
+        selected, cm = _select_and_write(policy, cache, ids, dataset, writer, ignore_index)
+    finally:
+        cache.remove()
+    writer.finish(thresholds=thresholds.numpy(), predicted_pixels=policy.predicted_pixels.numpy(),
+                  selected_pixels=selected.numpy(), histogram=None)
+    return _result(policy, thresholds, selected, cm)
+
+
+def _select_and_write(policy, cache: LogitCache, ids, dataset, writer, ignore_index: int):
+    """Pass 2: select from cached logits, write each image, count selected pixels (and hits on GT)."""
+    ground_truth = getattr(dataset, "ground_truth", None)
+    num_classes = len(policy.predicted_pixels)
+    selected = torch.zeros(num_classes, dtype=torch.int64)
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    index = 0
+    for logits, batch_ids in zip(cache.read(), ids):
+        chosen = policy.select_with_confidence(SegPrediction(logits=logits))
+        kept = chosen.labels[chosen.labels != ignore_index]
+        selected += torch.bincount(kept, minlength=num_classes)
+        for b, image_id in enumerate(batch_ids):
+            writer.add_segmentation(image_id, chosen.labels[b].to(torch.uint8).numpy(),
+                                    chosen.confidence[b].half().numpy())
+            gt = ground_truth(index) if ground_truth else None
+            if gt is not None:
+                cm.update(chosen.labels[b], torch.from_numpy(np.array(gt)))
+            index += 1
+    return selected, cm
+
+
+def _result(policy, thresholds: torch.Tensor, selected: torch.Tensor, cm: ConfusionMatrix) -> LabelingResult:
+    predicted = policy.predicted_pixels
+    precision = None
+    if int(cm.matrix.sum()) > 0:
+        precision = [None if np.isnan(v) else float(v) for v in cm.precision()]
+    return LabelingResult(
+        thresholds=[float(t) for t in thresholds], predicted_pixels=[int(v) for v in predicted],
+        selected_pixels=[int(v) for v in selected], precision=precision,
+        selected_share=int(selected.sum()) / max(int(predicted.sum()), 1),
+    )

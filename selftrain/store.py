@@ -1,0 +1,466 @@
+"""Pseudo-label files: one HDF5 file per round, ``<run>/pseudo/round_{r:03d}.h5`` (DESIGN §5).
+
+Root attributes: ``format="selftrain.pseudo/1"``, ``task``, ``round``, ``policy``, ``portion``,
+``num_classes``, ``class_names``, ``ignore_index``, ``selftrain_version``, ``recipe`` (resolved
+YAML), ``checkpoint``, ``created`` (ISO 8601, UTC) and, set last, ``complete=True``.
+
+Segmentation files hold ``image_ids`` [N] (utf-8 str), ``labels`` uint8 [N, H, W] and
+``confidence`` float16 [N, H, W] (chunks of one image, optional gzip/lzf), ``thresholds`` float32
+[C], ``predicted_pixels`` / ``selected_pixels`` int64 [C] and optionally ``histogram`` [C, B].
+All images of one file share one size: the writer takes ``image_shape`` or the first image's
+size, and an image of another size is a ``ValueError`` (resize the pseudo-labels to one size,
+or write another file). Confidence above float16's maximum (65504) is stored as 65504.
+
+Detection files hold ``image_ids`` [N], ``offsets`` int64 [N+1] (image ``i`` owns rows
+``offsets[i]:offsets[i+1]``), ``boxes`` float32 [M, 4] (xyxy pixels), ``labels`` int64 [M],
+``scores`` float32 [M], ``srrs`` float32 [M] (NaN when the policy does not compute it) and
+``thresholds`` when given.
+
+The writer fills a temporary file beside the final name and renames it only in ``finish()``, so
+a reader never sees a half-written round. The reader opens the file lazily and once per process,
+so it can be handed to DataLoader workers (fork or spawn).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import StoreError
+from .io import atomic_path
+
+__all__ = ["FORMAT", "PseudoLabelWriter", "RoundReader", "open_round"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "selftrain.pseudo/1"
+TASKS = ("segmentation", "detection")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_RESUME_HINT = "rerun the round with `selftrain run RECIPE --out RUN --resume`"
+
+
+class _Discard(Exception):
+    """Thrown into ``atomic_path`` to delete the temporary file without renaming it."""
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class PseudoLabelWriter:
+    """Write one round's pseudo-labels; a context manager.
+
+    ``finish()`` stores the statistics, sets ``complete=True`` last and renames the file into
+    place. If the with-block raises, or ends without ``finish()``, the temporary file is deleted
+    and any older file under the final name is left untouched (ending without ``finish()`` also
+    raises ``RuntimeError``, because it is a bug in the caller). ``abort()`` discards on purpose.
+
+    Args:
+        path: final file name, usually ``<run>/pseudo/round_{r:03d}.h5``.
+        task: "segmentation" or "detection".
+        image_shape: (H, W) shared by all segmentation images; default: the first image's.
+        compression: "gzip", "lzf" or None for the per-image segmentation datasets.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        task: str,
+        round: int,
+        policy: str,
+        portion: float,
+        num_classes: int,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
+        recipe: str = "",
+        checkpoint: str = "",
+        image_shape: tuple[int, int] | None = None,
+        compression: str | None = "gzip",
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if len(class_names) != num_classes:
+            raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names were given")
+        if compression not in ("gzip", "lzf", None):
+            raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
+        self.path = Path(path)
+        self.task = task
+        self.num_classes = int(num_classes)
+        self._compression = compression
+        self._ids: list[str] = []
+        self._id_set: set[str] = set()
+        self._offsets: list[int] = [0]
+        self._image_shape: tuple[int, int] | None = None
+        attrs = dict(
+            format=FORMAT, task=task, round=int(round), policy=str(policy), portion=float(portion),
+            num_classes=self.num_classes, class_names=[str(n) for n in class_names], ignore_index=int(ignore_index),
+            selftrain_version=__version__, recipe=str(recipe), checkpoint=str(checkpoint), created=_now(),
+        )  # fmt: skip
+        self._stack = contextlib.ExitStack()
+        self._h5: h5py.File | None = self._open_tmp(attrs)
+        if task == "segmentation" and image_shape is not None:
+            self._create_segmentation(tuple(int(s) for s in image_shape))
+        if task == "detection":
+            self._create_detection()
+
+    # -- context manager --------------------------------------------------------------------
+
+    def __enter__(self) -> PseudoLabelWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._h5 is None:  # finished or aborted
+            return
+        self.abort()
+        if exc_type is None:
+            raise RuntimeError(f"PseudoLabelWriter for {self.path} closed without finish(); call finish() to keep it")
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    # -- adding -------------------------------------------------------------------------------
+
+    def add_segmentation(self, image_id: str, labels: Any, confidence: Any) -> None:
+        """Append one image: ``labels`` [H, W] integers in [0, 255], ``confidence`` [H, W] float."""
+        self._require_task("segmentation", "add_segmentation")
+        labels, confidence = _to_numpy(labels), _to_numpy(confidence)
+        if labels.ndim != 2 or confidence.shape != labels.shape:
+            raise ValueError(
+                f"image {image_id!r}: labels {labels.shape} and confidence {confidence.shape} must both be [H, W]"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"image {image_id!r}: labels must lie in [0, 255] to be stored as uint8")
+        if self._image_shape is None:
+            self._create_segmentation(labels.shape)
+        if labels.shape != self._image_shape:
+            raise ValueError(
+                f"image {image_id!r} is {labels.shape[0]}x{labels.shape[1]} but this file stores "
+                f"{self._image_shape[0]}x{self._image_shape[1]} images; resize the pseudo-labels to one size"
+            )
+        n = self._add_id(image_id)
+        for name, value in (("labels", labels.astype(np.uint8)), ("confidence", _to_float16(confidence))):
+            dataset = self._h5[name]
+            dataset.resize(n + 1, axis=0)
+            dataset[n] = value
+
+    def add_detection(self, image_id: str, boxes: Any, labels: Any, scores: Any, srrs: Any = None) -> None:
+        """Append one image's K boxes: ``boxes`` [K, 4] xyxy, ``labels`` [K], ``scores`` [K],
+        ``srrs`` [K] or None (stored as NaN). K may be 0."""
+        self._require_task("detection", "add_detection")
+        boxes = _to_numpy(boxes).astype(np.float32).reshape(-1, 4)
+        k = boxes.shape[0]
+        columns = {
+            "boxes": boxes,
+            "labels": _to_numpy(labels).astype(np.int64).reshape(-1),
+            "scores": _to_numpy(scores).astype(np.float32).reshape(-1),
+            "srrs": np.full(k, np.nan, np.float32) if srrs is None else _to_numpy(srrs).astype(np.float32).reshape(-1),
+        }
+        bad = {name: len(v) for name, v in columns.items() if len(v) != k}
+        if bad:
+            raise ValueError(f"image {image_id!r}: {k} boxes but lengths {bad}; give one label/score/srrs per box")
+        self._add_id(image_id)
+        start = self._offsets[-1]
+        for name, value in columns.items():
+            dataset = self._h5[name]
+            dataset.resize(start + k, axis=0)
+            dataset[start : start + k] = value
+        self._offsets.append(start + k)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def finish(
+        self,
+        *,
+        thresholds: Any = None,
+        predicted_pixels: Any = None,
+        selected_pixels: Any = None,
+        histogram: Any = None,
+    ) -> Path:
+        """Store the round statistics ([C] each, ``histogram`` [C, B]), set ``complete=True``
+        last, close and rename into place. Returns the final path."""
+        h5 = self._require_open()
+        arrays = {  # validated before anything is written, so a caller may fix and retry
+            "thresholds": self._per_class("thresholds", thresholds, np.float32),
+            "predicted_pixels": self._per_class("predicted_pixels", predicted_pixels, np.int64),
+            "selected_pixels": self._per_class("selected_pixels", selected_pixels, np.int64),
+            "histogram": self._histogram(histogram),
+        }
+        if self.task == "detection":
+            arrays["offsets"] = np.asarray(self._offsets, dtype=np.int64)
+        h5.create_dataset("image_ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        for name, array in arrays.items():
+            if array is not None:
+                h5.create_dataset(name, data=array)
+        h5.attrs["complete"] = True
+        h5.flush()
+        h5.close()
+        self._h5 = None
+        self._stack.close()  # fsync + rename onto self.path
+        log.debug("wrote %d %s pseudo-labels to %s", len(self._ids), self.task, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written so far; the final name is not touched."""
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+            self._stack.__exit__(_Discard, _Discard(), None)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _open_tmp(self, attrs: dict[str, Any]) -> h5py.File:
+        """Create the temporary file beside ``self.path`` with the root attributes (not ``complete``)."""
+        tmp = self._stack.enter_context(atomic_path(self.path, suffix=".h5.tmp"))
+        h5 = None
+        try:
+            h5 = h5py.File(tmp, "w")
+            h5.attrs.update(attrs)
+        except BaseException:
+            if h5 is not None:
+                h5.close()
+            self._stack.__exit__(*sys.exc_info())  # removes the temporary file, never renames it
+            raise
+        return h5
+
+    def _require_open(self) -> h5py.File:
+        if self._h5 is None:
+            raise RuntimeError(f"PseudoLabelWriter for {self.path} is already finished or aborted")
+        return self._h5
+
+    def _require_task(self, task: str, method: str) -> None:
+        self._require_open()
+        if self.task != task:
+            raise ValueError(f"{method}() needs a {task} writer; this one writes {self.task} to {self.path}")
+
+    def _add_id(self, image_id: str) -> int:
+        image_id = str(image_id)
+        if image_id in self._id_set:
+            raise ValueError(f"image id {image_id!r} was already added to {self.path}; image ids must be unique")
+        self._id_set.add(image_id)
+        self._ids.append(image_id)
+        return len(self._ids) - 1
+
+    def _create_segmentation(self, shape: tuple[int, int]) -> None:
+        """Resizable [0, H, W] datasets, one chunk per image."""
+        self._image_shape = (int(shape[0]), int(shape[1]))
+        height, width = self._image_shape
+        for name, dtype in (("labels", np.uint8), ("confidence", np.float16)):
+            self._h5.create_dataset(
+                name, shape=(0, height, width), maxshape=(None, height, width), dtype=dtype,
+                chunks=(1, max(height, 1), max(width, 1)), compression=self._compression,
+            )  # fmt: skip
+
+    def _create_detection(self) -> None:
+        specs = {"boxes": ((0, 4), (None, 4), np.float32), "labels": ((0,), (None,), np.int64),
+                 "scores": ((0,), (None,), np.float32), "srrs": ((0,), (None,), np.float32)}  # fmt: skip
+        for name, (shape, maxshape, dtype) in specs.items():
+            chunks = (4096,) + shape[1:]
+            self._h5.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=chunks)
+
+    def _per_class(self, name: str, value: Any, dtype: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        array = _to_numpy(value).astype(dtype).reshape(-1)
+        if array.shape != (self.num_classes,):
+            raise ValueError(f"{name} has {array.size} values; give one per class ({self.num_classes})")
+        return array
+
+    def _histogram(self, value: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        array = _to_numpy(value)
+        if array.ndim != 2 or array.shape[0] != self.num_classes:
+            raise ValueError(f"histogram has shape {array.shape}; give [num_classes={self.num_classes}, bins]")
+        return array if np.issubdtype(array.dtype, np.integer) else array.astype(np.float64)
+
+
+def _to_float16(confidence: np.ndarray) -> np.ndarray:
+    """float16 with values beyond its range clipped to +-65504 (NaN kept)."""
+    return np.clip(confidence.astype(np.float32), -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def open_round(path: str | os.PathLike) -> RoundReader:
+    """Open a complete pseudo-label file for reading; raises StoreError when it is missing,
+    not HDF5, not a selftrain file, or incomplete."""
+    return RoundReader(path)
+
+
+class RoundReader:
+    """Read one round's pseudo-labels (see the module docstring for the layout).
+
+    The small arrays (ids, offsets, statistics) are read once; per-image data is read on demand
+    from an h5py handle opened lazily and again in each new process, so the reader pickles
+    (the handle is dropped) and works inside DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        with self._open_checked() as h5:
+            self.meta = _read_meta(h5)
+            self.image_ids: list[str] = [_as_str(x) for x in h5["image_ids"][()]] if "image_ids" in h5 else []
+            self.thresholds = _optional(h5, "thresholds")
+            self.predicted_pixels = _optional(h5, "predicted_pixels")
+            self.selected_pixels = _optional(h5, "selected_pixels")
+            self.histogram = _optional(h5, "histogram")
+            self._offsets = _optional(h5, "offsets")
+        self.task: str = self.meta["task"]
+        self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+
+    def _open_checked(self) -> h5py.File:
+        """Open the file and refuse anything that is not a complete selftrain pseudo-label file."""
+        if not self.path.is_file():
+            raise StoreError(f"pseudo-label file {self.path} does not exist; run the round first (or {_RESUME_HINT})")
+        if not h5py.is_hdf5(self.path):
+            raise StoreError(f"{self.path} is not an HDF5 file; delete it and {_RESUME_HINT}")
+        try:
+            h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(f"{self.path} is a corrupt HDF5 file ({exc}); delete it and {_RESUME_HINT}") from exc
+        try:
+            _check_header(self.path, h5)
+        except StoreError:
+            h5.close()
+            raise
+        return h5
+
+    # -- access -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def index_of(self, image_id: str) -> int:
+        """Position of ``image_id`` in the file; KeyError when absent."""
+        try:
+            return self._index[str(image_id)]
+        except KeyError:
+            raise KeyError(f"image id {image_id!r} is not in {self.path} ({len(self)} images)") from None
+
+    def labels(self, i: int) -> np.ndarray:
+        """Pseudo-labels of image ``i``: uint8 [H, W], ``ignore_index`` where not selected."""
+        return self._image("labels", i).astype(np.uint8, copy=False)
+
+    def confidence(self, i: int) -> np.ndarray:
+        """Selection scores of image ``i``: float32 [H, W]."""
+        return self._image("confidence", i).astype(np.float32)
+
+    def boxes(self, i: int) -> dict[str, np.ndarray]:
+        """Pseudo-boxes of image ``i``: boxes float32 [K, 4], labels int64 [K], scores float32 [K],
+        srrs float32 [K] (K may be 0)."""
+        self._require_task("detection", "boxes")
+        i = self._check_index(i)
+        start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
+        h5 = self._file()
+        return {name: h5[name][start:stop] for name in ("boxes", "labels", "scores", "srrs")}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+        self._pid = None
+
+    def __enter__(self) -> RoundReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        round_ = self.meta.get("round")
+        return f"RoundReader({str(self.path)!r}, task={self.task!r}, round={round_}, images={len(self)})"
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _file(self) -> h5py.File:
+        """The h5py handle of this process (a forked child re-opens instead of sharing the parent's)."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def _image(self, name: str, i: int) -> np.ndarray:
+        self._require_task("segmentation", name)
+        i = self._check_index(i)
+        return self._file()[name][i]
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image index {i} out of range for {self.path} ({len(self)} images)")
+        return i % len(self)
+
+    def _require_task(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = "labels()/confidence()" if self.task == "segmentation" else "boxes()"
+            raise StoreError(
+                f"{self.path} holds {self.task} pseudo-labels, {method}() reads {task} files; use {other}, "
+                f"or point the recipe's task at a {task} run"
+            )
+
+
+def _check_header(path: Path, h5: h5py.File) -> None:
+    fmt = _as_str(h5.attrs.get("format", ""))
+    if fmt != FORMAT:
+        raise StoreError(
+            f"{path} is not a selftrain pseudo-label file (format {fmt!r}, expected {FORMAT!r}); "
+            f"pass a <run>/pseudo/round_NNN.h5 written by this selftrain version"
+        )
+    if not bool(h5.attrs.get("complete", False)):
+        raise StoreError(f"{path} is incomplete (the writing run was interrupted); {_RESUME_HINT}")
+    task = _as_str(h5.attrs.get("task", ""))
+    if task not in TASKS:
+        raise StoreError(f"{path} has task {task!r}, expected one of {TASKS}; delete it and {_RESUME_HINT}")
+
+
+def _read_meta(h5: h5py.File) -> dict[str, Any]:
+    """Root attributes as plain Python values (class_names: list[str], recipe: str)."""
+    meta = {key: _plain(value) for key, value in h5.attrs.items()}
+    meta["class_names"] = [_as_str(n) for n in np.atleast_1d(h5.attrs.get("class_names", []))]
+    meta["recipe"] = _as_str(h5.attrs.get("recipe", ""))
+    return meta
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _optional(h5: h5py.File, name: str) -> np.ndarray | None:
+    return h5[name][()] if name in h5 else None

@@ -1,0 +1,110 @@
+"""Plain training pieces the engine composes: optimisers, schedules, batch streams, steps, evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .metrics import ConfusionMatrix
+from .progress import progress
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: str = "sgd"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+def make_optimizer(params, spec: OptimSpec, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = spec.lr if lr is None else lr
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimiser {spec.name!r}; choose sgd, adam or adamw")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``constant``, ``poly`` (power 0.9, DeepLab) or ``onecycle`` over ``steps`` steps."""
+    if kind == "onecycle":
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(steps, 2))
+    if kind == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - min(i, steps) / max(steps, 1)) ** 0.9)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator for samplers."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0) -> Iterator[dict]:
+    """An endless stream of shuffled batches (a new permutation every pass)."""
+    sampler = RandomSampler(dataset, generator=generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=len(dataset) >= batch_size, collate_fn=collate)
+    while True:
+        yield from loader
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.stack([s["label"] for s in samples]),
+        "id": [s["id"] for s in samples],
+        "index": torch.tensor([s.get("index", -1) for s in samples]),
+    }
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Stop on a non-finite loss, printing every component (torchvision references do the same)."""
+    if not all(torch.isfinite(v).all() for v in losses.values()):
+        shown = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
+
+
+def train_steps(
+    *, step_fn: Callable[[], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int, desc: str,
+) -> dict[str, float]:
+    """Run ``steps`` optimiser steps; ``step_fn`` returns named losses. Returns their running means."""
+    sums: dict[str, float] = {}
+    for step in progress(range(steps), desc=desc, unit="step"):
+        losses = step_fn()
+        check_finite(losses, step)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(adapter, dataset: Dataset, *, num_classes: int, ignore_index: int, batch_size: int,
+             device: torch.device, desc: str = "evaluate") -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set."""
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch in progress(loader, desc=desc, unit="batch"):
+        pred = adapter.predict(batch["image"].to(device)).logits.argmax(1).cpu()
+        cm.update(pred, batch["label"])
+    iou = cm.iou()
+    return {"miou": float(np.nanmean(iou)) * 100, "iou": [None if math.isnan(v) else v * 100 for v in iou],
+            "accuracy": cm.accuracy() * 100}

@@ -1,0 +1,51 @@
+"""Small frozen records that flow between the engine, adapters, policies and the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SegPrediction:
+    """Raw network output for a batch.
+
+    Shape:
+        logits: [B, C, h, w] at the network's output stride (float32 or float16).
+    Policies compute ``log p`` from the logits (never from saturated softmax).
+    """
+
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SegPseudoLabels:
+    """Selected pseudo-labels for a batch.
+
+    Shape:
+        labels: [B, H, W] int64, ``ignore_index`` where not selected.
+        confidence: [B, H, W] float32, the selection score ``max_c p_c / t_c`` (>= 1 where selected).
+    """
+
+    labels: torch.Tensor
+    confidence: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What ``Adapter.forward_train`` returns: named unweighted losses, logits and feature taps."""
+
+    losses: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One fine-tuning step's inputs and outputs, handed to loss terms."""
+
+    source: StepOutputs | None
+    target: StepOutputs | None
+    step: int
+    progress: float

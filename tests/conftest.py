@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny recipe on the synthetic benchmark that runs in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SELFTRAIN_QUIET", "1")
+
+TINY = """\
+extends: {defaults}
+name: tiny
+data:
+  source: {{options: {{num_images: 16, height: 32, width: 64}}}}
+  target: {{options: {{num_images: 12, height: 32, width: 64}}}}
+  target_val: {{options: {{num_images: 8, height: 32, width: 64}}}}
+model: {{name: tiny_seg, options: {{width: 8}}}}
+source_training: {{steps: 6, batch_size: 4}}
+rounds: {{count: 2, steps: 3, batch_source: 2, batch_target: 2}}
+eval: {{batch_size: 4}}
+pseudo_batch_size: 5
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(defaults=REPO / "recipes" / "defaults.yaml"))
+    return path
