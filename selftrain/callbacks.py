@@ -33,7 +33,7 @@ class ConsoleReport:
         log.info(format_round(record, class_names))
 
     def on_run_end(self, *, records: list[dict[str, Any]]) -> None:
-        if records and "eval" in records[0]:
+        if len(records) > 1 and "eval" in records[0]:
             log.info(format_comparison(records, names=self.class_names))
 
 

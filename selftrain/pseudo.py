@@ -101,23 +101,31 @@ def label_target(
 
 def _select_and_write(policy, cache: LogitCache, ids, dataset, writer, ignore_index: int):
     """Pass 2: select from cached logits, write each image, count selected pixels (and hits on GT)."""
-    ground_truth = getattr(dataset, "ground_truth", None)
     num_classes = len(policy.predicted_pixels)
     selected = torch.zeros(num_classes, dtype=torch.int64)
     cm = ConfusionMatrix(num_classes, ignore_index)
-    index = 0
+    start = 0
     for logits, batch_ids in zip(cache.read(), ids):
         chosen = policy.select_with_confidence(SegPrediction(logits=logits))
-        kept = chosen.labels[chosen.labels != ignore_index]
-        selected += torch.bincount(kept, minlength=num_classes)
-        for b, image_id in enumerate(batch_ids):
-            writer.add_segmentation(image_id, chosen.labels[b].to(torch.uint8).numpy(),
-                                    chosen.confidence[b].half().numpy())
-            gt = ground_truth(index) if ground_truth else None
-            if gt is not None:
-                cm.update(chosen.labels[b], torch.from_numpy(np.array(gt)))
-            index += 1
+        kept = torch.where(chosen.labels == ignore_index, num_classes, chosen.labels)  # ignored -> extra bin
+        selected += torch.bincount(kept.flatten(), minlength=num_classes + 1)[:num_classes]
+        writer.add_segmentation_batch(batch_ids, chosen.labels.to(torch.uint8).numpy(), chosen.confidence.numpy())
+        gt = _ground_truth(dataset, range(start, start + len(batch_ids)))
+        if gt is not None:
+            cm.update(chosen.labels, gt)
+        start += len(batch_ids)
     return selected, cm
+
+
+def _ground_truth(dataset, indices: range) -> torch.Tensor | None:
+    """Target ground truth of a batch [B, H, W] when the data set has it (reporting only)."""
+    read = getattr(dataset, "ground_truth", None)
+    if read is None:
+        return None
+    maps = [read(i) for i in indices]
+    if any(m is None for m in maps):
+        return None
+    return torch.from_numpy(np.stack(maps).astype(np.int64))
 
 
 def _result(policy, thresholds: torch.Tensor, selected: torch.Tensor, cm: ConfusionMatrix) -> LabelingResult:

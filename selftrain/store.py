@@ -137,26 +137,38 @@ class PseudoLabelWriter:
 
     def add_segmentation(self, image_id: str, labels: Any, confidence: Any) -> None:
         """Append one image: ``labels`` [H, W] integers in [0, 255], ``confidence`` [H, W] float."""
-        self._require_task("segmentation", "add_segmentation")
         labels, confidence = _to_numpy(labels), _to_numpy(confidence)
         if labels.ndim != 2 or confidence.shape != labels.shape:
             raise ValueError(
                 f"image {image_id!r}: labels {labels.shape} and confidence {confidence.shape} must both be [H, W]"
             )
+        self.add_segmentation_batch([image_id], labels[None], confidence[None])
+
+    def add_segmentation_batch(self, image_ids: Sequence[str], labels: Any, confidence: Any) -> None:
+        """Append B images at once (one resize and one write per dataset): ``labels`` [B, H, W]
+        integers in [0, 255], ``confidence`` [B, H, W] float."""
+        self._require_task("segmentation", "add_segmentation")
+        labels, confidence = _to_numpy(labels), _to_numpy(confidence)
+        first = repr(image_ids[0]) if len(image_ids) else "(none)"
+        if labels.ndim != 3 or confidence.shape != labels.shape or len(image_ids) != labels.shape[0]:
+            raise ValueError(f"images from {first}: labels {labels.shape} and confidence {confidence.shape} must "
+                             f"both be [{len(image_ids)}, H, W]")
         if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError(f"image {image_id!r}: labels must lie in [0, 255] to be stored as uint8")
+            raise ValueError(f"images from {first}: labels must lie in [0, 255] to be stored as uint8")
         if self._image_shape is None:
-            self._create_segmentation(labels.shape)
-        if labels.shape != self._image_shape:
+            self._create_segmentation(labels.shape[1:])
+        if labels.shape[1:] != self._image_shape:
             raise ValueError(
-                f"image {image_id!r} is {labels.shape[0]}x{labels.shape[1]} but this file stores "
+                f"image {first} is {labels.shape[1]}x{labels.shape[2]} but this file stores "
                 f"{self._image_shape[0]}x{self._image_shape[1]} images; resize the pseudo-labels to one size"
             )
-        n = self._add_id(image_id)
-        for name, value in (("labels", labels.astype(np.uint8)), ("confidence", _to_float16(confidence))):
+        start = len(self._ids)
+        for image_id in image_ids:
+            self._add_id(image_id)
+        for name, value in (("labels", labels.astype(np.uint8, copy=False)), ("confidence", _to_float16(confidence))):
             dataset = self._h5[name]
-            dataset.resize(n + 1, axis=0)
-            dataset[n] = value
+            dataset.resize(start + len(image_ids), axis=0)
+            dataset[start:] = value
 
     def add_detection(self, image_id: str, boxes: Any, labels: Any, scores: Any, srrs: Any = None) -> None:
         """Append one image's K boxes: ``boxes`` [K, 4] xyxy, ``labels`` [K], ``scores`` [K],
@@ -263,6 +275,7 @@ class PseudoLabelWriter:
             self._h5.create_dataset(
                 name, shape=(0, height, width), maxshape=(None, height, width), dtype=dtype,
                 chunks=(1, max(height, 1), max(width, 1)), compression=self._compression,
+                compression_opts=1 if self._compression == "gzip" else None,  # fastest level: labels compress well anyway
             )  # fmt: skip
 
     def _create_detection(self) -> None:

@@ -41,6 +41,17 @@ def log_softmax_precise(logits: torch.Tensor) -> torch.Tensor:
     return d - torch.log1p(others)
 
 
+def predicted_cost_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax class and its cost ``-log p_max`` straight from logits, without the full log-softmax.
+
+    Equals ``predicted_cost(log_softmax_precise(logits))``. Shape: [B, C, H, W] -> ([B, H, W], [B, H, W]).
+    """
+    z = logits.float()
+    zmax, arg = z.max(dim=1, keepdim=True)
+    others = torch.exp(z - zmax).scatter_(1, arg, 0.0).sum(dim=1)
+    return arg.squeeze(1), torch.log1p(others)
+
+
 def log_probs(probs: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
     """Log of softmax probabilities given as probabilities. Shape: [B, C, H, W]."""
     return torch.log(probs.float().clamp_min(eps))

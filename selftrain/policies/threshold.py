@@ -68,10 +68,15 @@ class ThresholdPolicy:
 
     def observe(self, pred: torch.Tensor | SegPrediction, valid: torch.Tensor | None = None) -> None:
         """Add one batch to the statistics. ``valid`` [B, H, W] bool excludes pixels (padding)."""
-        logpot = self._log_potentials(pred)
-        label, cost = F.predicted_cost(logpot)
+        if isinstance(pred, SegPrediction) and self.prior is None:
+            label, cost = F.predicted_cost_from_logits(pred.logits)
+            num_classes = pred.logits.shape[1]
+        else:
+            logpot = self._log_potentials(pred)
+            label, cost = F.predicted_cost(logpot)
+            num_classes = logpot.shape[1]
         if self.hist is None:
-            self.hist = F.empty_histogram(logpot.shape[1])
+            self.hist = F.empty_histogram(num_classes)
         F.accumulate_histogram(self.hist, label, cost, valid)
 
     def fit(self, portion: float) -> torch.Tensor:

@@ -146,6 +146,14 @@ def test_precise_log_softmax_agrees_with_float64():
     np.testing.assert_allclose(F.log_softmax_precise(logits).double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_cost_from_logits_equals_the_full_log_softmax_path():
+    logits = torch.randn(2, 6, 5, 7) * 8
+    label, cost = F.predicted_cost_from_logits(logits)
+    ref_label, ref_cost = F.predicted_cost(F.log_softmax_precise(logits))
+    assert torch.equal(label, ref_label)
+    torch.testing.assert_close(cost, ref_cost, rtol=1e-5, atol=1e-7)
+
+
 def test_histogram_memory_does_not_grow():
     pol = create_policy("cbst")
     for seed in range(4):
