@@ -12,7 +12,7 @@ from .checkpoint import RunDir
 from .config import DatasetSpec, RunConfig, to_yaml
 from .data.datasets import build_dataset
 from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .training import OptimSpec, seed_everything
 
 
@@ -27,6 +27,9 @@ def build_data(cfg: RunConfig) -> RunData:
     source = build_dataset_from(cfg.data.source, cfg, with_labels=True)
     target = build_dataset_from(cfg.data.target, cfg, with_labels=False)
     val = build_dataset_from(cfg.data.target_val, cfg, with_labels=True) if cfg.data.target_val else None
+    for what, ds in (("data.source", source), ("data.target", target), ("data.target_val", val)):
+        if ds is not None and len(ds) == 0:
+            raise DataError(f"{what} holds no images; point it at a non-empty data set")
     names = class_names(cfg, source)
     return RunData(
         source=source, target=target, target_val=val, num_classes=cfg.data.num_classes, class_names=names,

@@ -34,6 +34,9 @@ def user_errors(fn):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except FloatingPointError as exc:  # the run diverged: not bad input, but no traceback either
+            click.echo(f"error: {exc}; lower the learning rate or check the labels", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -114,6 +114,7 @@ def test_existing_run_is_not_overwritten(tiny_recipe, tmp_path):
         ("policy.name=cbst_sp", "needs policy.prior"),
         ("policy.prior=/nonexistent/prior.npz", "only used by st_sp and cbst_sp"),
         ("data.source.options.colour=1", "no option 'colour'"),
+        ("data.target.options.num_images=0", "data.target holds no images"),
     ],
 )
 def test_bad_recipe_input_is_one_line_and_exit_2(tiny_recipe, tmp_path, override, message):
@@ -183,6 +184,12 @@ def test_priors_build_cli(tiny_recipe, tmp_path):
                            "--set", f"policy.prior={out}", "--set", "data.num_classes=9",
                            "--set", "data.class_names=[a,b,c,d,e,f,g,h,i]")
     assert code == 2
+
+
+def test_diverging_run_stops_with_the_loss_components(tiny_recipe, tmp_path):
+    code, output = run_cli("run", str(tiny_recipe), "--out", str(tmp_path / "run"), "--set", "rounds.count=0",
+                           "--set", "source_training.optim.lr=1.0e+30", "--set", "source_training.lr_schedule=constant")
+    assert code == 1 and "non-finite loss" in output and "src/ce=" in output
 
 
 def test_list_and_evaluate(tiny_recipe, tmp_path):
