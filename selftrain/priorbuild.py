@@ -7,7 +7,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .config import parse_override, load_recipe
+from .build import build_dataset_from
+from .config import load_recipe, parse_override
 from .data.datasets import build_dataset
 from .errors import ConfigError, DataError
 from .priors import build_spatial_prior, plot_prior, save_prior, scaled_kernel_size
@@ -19,10 +20,8 @@ def _source_dataset(dataset: str, root: str | None, split: str, options: Sequenc
     """A recipe's data.source, or a registered data set named on the command line."""
     if dataset.endswith((".yaml", ".yml")):
         cfg = load_recipe(dataset, list(overrides))
-        spec = cfg.data.source
-        ds = build_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
-                           num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index)
-        return ds, cfg.data.num_classes, cfg.data.ignore_index, f"{dataset}: data.source ({spec.name})"
+        ds = build_dataset_from(cfg.data.source, cfg, with_labels=True)
+        return ds, cfg.data.num_classes, cfg.data.ignore_index, f"{dataset}: data.source ({cfg.data.source.name})"
     opts = dict(parse_override(o) for o in options)
     ds = build_dataset(dataset, root=root, split=split, options=opts, num_classes=num_classes or 0,
                        ignore_index=255)

@@ -66,7 +66,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.stack([s["label"] for s in samples]),
         "id": [s["id"] for s in samples],
-        "index": torch.tensor([s.get("index", -1) for s in samples]),
     }
 
 

@@ -55,7 +55,6 @@ class Augment(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.dataset[index])
-        sample["index"] = index
         image, label = sample["image"], sample["label"]
         if self.scale is not None:
             image, label = self._rescale(image, label)
