@@ -6,6 +6,15 @@ import numpy as np
 import torch
 
 
+def bincount_skipping(values: torch.Tensor, skip: torch.Tensor, size: int) -> torch.Tensor:
+    """Counts of ``values`` in ``[0, size)`` leaving out entries where ``skip`` is true. -> [size] int64
+
+    Skipped entries go to one extra bin that is dropped: no boolean gather, one pass.
+    """
+    idx = torch.where(skip, size, values.long()).reshape(-1)
+    return torch.bincount(idx, minlength=size + 1)[:size]
+
+
 class ConfusionMatrix:
     """Accumulates a [C, C] confusion matrix (rows: ground truth, columns: prediction)."""
 
@@ -17,11 +26,9 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add a batch. Shape: pred, gt [...] integer; ``ignore_index`` in gt or pred is skipped."""
         c = self.num_classes
-        pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
-        # Skipped pixels go to one extra bin instead of being masked out: no gather, one pass.
+        pred, gt = pred.long(), gt.long()
         skip = (gt == self.ignore_index) | (pred == self.ignore_index)
-        idx = torch.where(skip, c * c, gt * c + pred)
-        self.matrix += torch.bincount(idx, minlength=c * c + 1)[: c * c].view(c, c)
+        self.matrix += bincount_skipping(gt * c + pred, skip, c * c).view(c, c)
 
     def iou(self) -> np.ndarray:
         """Per-class IoU [C]; NaN for a class absent from both ground truth and prediction."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, bincount_skipping
 from .progress import progress
 from .store import PseudoLabelWriter
 from .training import collate
@@ -107,8 +107,7 @@ def _select_and_write(policy, cache: LogitCache, ids, dataset, writer, ignore_in
     start = 0
     for logits, batch_ids in zip(cache.read(), ids):
         chosen = policy.select_with_confidence(SegPrediction(logits=logits))
-        kept = torch.where(chosen.labels == ignore_index, num_classes, chosen.labels)  # ignored -> extra bin
-        selected += torch.bincount(kept.flatten(), minlength=num_classes + 1)[:num_classes]
+        selected += bincount_skipping(chosen.labels, chosen.labels == ignore_index, num_classes)
         writer.add_segmentation_batch(batch_ids, chosen.labels.to(torch.uint8).numpy(), chosen.confidence.numpy())
         gt = _ground_truth(dataset, range(start, start + len(batch_ids)))
         if gt is not None:

@@ -26,6 +26,14 @@ _LOG_STEP = (math.log(COST_MAX) - _LOG_MIN) / (BINS - 1)
 IGNORE = 255
 
 
+def _tail(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z - z_max, argmax, sum_{j != argmax} exp(z_j - z_max))`` over dim 1, keepdim."""
+    z = logits.float()
+    zmax, arg = z.max(dim=1, keepdim=True)
+    d = z - zmax
+    return d, arg, torch.exp(d).scatter_(1, arg, 0.0).sum(dim=1, keepdim=True)
+
+
 def log_softmax_precise(logits: torch.Tensor) -> torch.Tensor:
     """``log softmax`` over dim 1 that does not saturate for confident pixels.
 
@@ -34,10 +42,7 @@ def log_softmax_precise(logits: torch.Tensor) -> torch.Tensor:
 
     Shape: logits [B, C, H, W] -> [B, C, H, W] float32.
     """
-    z = logits.float()
-    zmax, arg = z.max(dim=1, keepdim=True)
-    d = z - zmax
-    others = torch.exp(d).scatter(1, arg, 0.0).sum(dim=1, keepdim=True)
+    d, _, others = _tail(logits)
     return d - torch.log1p(others)
 
 
@@ -46,10 +51,8 @@ def predicted_cost_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torc
 
     Equals ``predicted_cost(log_softmax_precise(logits))``. Shape: [B, C, H, W] -> ([B, H, W], [B, H, W]).
     """
-    z = logits.float()
-    zmax, arg = z.max(dim=1, keepdim=True)
-    others = torch.exp(z - zmax).scatter_(1, arg, 0.0).sum(dim=1)
-    return arg.squeeze(1), torch.log1p(others)
+    _, arg, others = _tail(logits)
+    return arg.squeeze(1), torch.log1p(others.squeeze(1))
 
 
 def log_probs(probs: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
