@@ -49,3 +49,20 @@ class StepBatch:
     target: StepOutputs | None
     step: int
     progress: float
+
+
+@dataclass(frozen=True)
+class DetPrediction:
+    """Detections for one image, after NMS, plus the raw candidates that SRRS needs.
+
+    Shape:
+        boxes: [M, 4] float32 xyxy in pixels of the input image; scores: [M]; labels: [M] int64 in 1..K.
+        raw_boxes: [N, 4] the pre-NMS candidate boxes (decoded, clipped), or None.
+        raw_probs: [N, K + 1] softmax class probabilities of the candidates (column 0 = background), or None.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    raw_boxes: torch.Tensor | None = None
+    raw_probs: torch.Tensor | None = None
