@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .callbacks import ConsoleReport, MetricsWriter
+from .callbacks import ConsoleReport, MetricsWriter, PlotWriter, TensorBoardWriter
 from .checkpoint import RunDir
 from .config import DatasetSpec, RunConfig, to_yaml
 from .data.datasets import build_dataset
@@ -36,6 +36,12 @@ def build_data(cfg: RunConfig) -> RunData:
         ignore_index=cfg.data.ignore_index, flip=cfg.augment.flip, crop=cfg.augment.crop, scale=cfg.augment.scale,
         num_workers=cfg.data.num_workers, eval_batch=cfg.eval.batch_size, pseudo_batch=cfg.pseudo_batch_size,
     )
+
+
+def build_target_dataset(cfg: RunConfig) -> tuple[Any, list[str]]:
+    """The target training set as the run read it (labels hidden; ``ground_truth(i)`` when present)."""
+    target = build_dataset_from(cfg.data.target, cfg, with_labels=False)
+    return target, class_names(cfg, target)
 
 
 def class_names(cfg: RunConfig, dataset: Any) -> list[str]:
@@ -92,6 +98,14 @@ def build_plan(cfg: RunConfig, n_target: int) -> Plan:
                 init_checkpoint=cfg.model.checkpoint)
 
 
+def default_callbacks() -> list[Any]:
+    """metrics.jsonl first: the plots read it back."""
+    callbacks: list[Any] = [MetricsWriter(), PlotWriter()]
+    if TensorBoardWriter.available():
+        callbacks.append(TensorBoardWriter())
+    return callbacks + [ConsoleReport()]
+
+
 def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
     """Every object of a run, from a validated recipe."""
     if cfg.device != "cpu" and not torch.cuda.is_available():
@@ -101,5 +115,5 @@ def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
     return Engine(
         adapter=build_adapter(cfg), policy=build_policy(cfg), data=data, plan=build_plan(cfg, len(data.target)),
         run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=cfg.device,
-        callbacks=[MetricsWriter(), ConsoleReport()],
+        callbacks=default_callbacks(),
     )

@@ -22,6 +22,65 @@ class MetricsWriter:
         append_line(run_dir.metrics, json.dumps(record))
 
 
+class PlotWriter:
+    """Redraws ``<run>/plots/*.png`` from metrics.jsonl after every round (see :mod:`selftrain.plots`)."""
+
+    def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
+        from .inspect import read_metrics
+        from .plots import plot_run
+
+        records = [r for _, r in sorted(read_metrics(run_dir).items())]
+        plot_run(records, class_names, run_dir.root / "plots")
+
+
+class TensorBoardWriter:
+    """TensorBoard event files beside metrics.jsonl: per round the score, per-class IoU, pseudo-label
+    shares, thresholds and precision, and the mean losses. Built only when tensorboard is installed."""
+
+    def __init__(self) -> None:
+        self._writer = None
+
+    @staticmethod
+    def available() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("tensorboard") is not None
+
+    def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run_dir.root))
+        for tag, value in scalars(record, class_names).items():
+            self._writer.add_scalar(tag, value, global_step=record["round"])
+        self._writer.flush()
+
+    def on_run_end(self, *, records: list[dict[str, Any]]) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def scalars(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+    """The numbers of one round record under TensorBoard tags (``eval/miou``, ``pseudo/share/car``, ...)."""
+    out = {f"loss/{name}": float(v) for name, v in record.get("losses", {}).items()}
+    evaluation = record.get("eval") or {}
+    for key in ("miou", "map", "accuracy"):
+        if key in evaluation:
+            out[f"eval/{key}"] = float(evaluation[key])
+    per_class = evaluation.get("iou") or evaluation.get("ap") or []
+    out.update({f"eval/class/{n}": float(v) for n, v in zip(class_names, per_class) if v is not None})
+    pseudo = record.get("pseudo") or {}
+    if pseudo:
+        total = max(sum(pseudo["selected_pixels"]), 1)
+        out["pseudo/selected_share"] = float(pseudo["selected_share"])
+        out.update({f"pseudo/share/{n}": v / total for n, v in zip(class_names, pseudo["selected_pixels"])})
+        out.update({f"pseudo/threshold/{n}": float(t) for n, t in zip(class_names, pseudo["thresholds"])})
+        out.update({f"pseudo/precision/{n}": float(p) for n, p in zip(class_names, pseudo.get("precision") or [])
+                    if p is not None})
+    return out
+
+
 class ConsoleReport:
     """Logs per round the target mIoU, the portion and the thresholds; a comparison table at the end."""
 

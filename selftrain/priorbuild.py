@@ -10,7 +10,7 @@ import numpy as np
 from .build import build_dataset_from
 from .config import load_recipe, parse_override
 from .data.datasets import build_dataset
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UserError
 from .priors import build_spatial_prior, plot_prior, save_prior, scaled_kernel_size
 from .progress import progress
 
@@ -64,3 +64,19 @@ def build_prior_command(*, dataset: str, root: str | None, split: str, options: 
     if plot:
         plot_prior(prior, names, Path(out).with_suffix(".png"))
     return f"wrote prior {out} shape {tuple(prior.shape)} ksize {k} sha256 {entry['sha256'][:12]}"
+
+
+def show_prior(prior: str, *, out: str | None, class_names: Sequence[str] | None) -> Path:
+    """Heat maps of a saved prior (``priors/NAME`` or ``priors/NAME.npz``); class names from MANIFEST.yaml."""
+    from .priors import load_prior, manifest_entry
+
+    path = Path(prior)
+    if path.suffix != ".npz" and not path.is_file():
+        path = path.with_suffix(".npz")
+    array = load_prior(path)
+    if class_names is None:
+        entry = manifest_entry(path) or {}
+        class_names = entry.get("classes") or [f"class_{i}" for i in range(array.shape[0])]
+    if len(class_names) != array.shape[0]:
+        raise UserError(f"--class-names gives {len(class_names)} names but {path} has {array.shape[0]} classes")
+    return plot_prior(array, list(class_names), Path(out) if out else path.with_suffix(".png"))

@@ -328,6 +328,12 @@ def _check_against_manifest(path: Path) -> None:
         )
 
 
+def manifest_entry(path: str | Path) -> dict[str, Any] | None:
+    """The MANIFEST.yaml entry of a prior file (None when it has none)."""
+    path = Path(path)
+    return _read_manifest(path.parent).get(path.stem)
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     if not path.is_file():

@@ -36,6 +36,7 @@ class LabelingResult:
     selected_pixels: list[int]
     precision: list[float | None] | None  # against target ground truth when the split has it
     selected_share: float
+    precision_overall: float | None = None  # correct / selected over pixels with ground truth
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -129,11 +130,12 @@ def _ground_truth(dataset, indices: range) -> torch.Tensor | None:
 
 def _result(policy, thresholds: torch.Tensor, selected: torch.Tensor, cm: ConfusionMatrix) -> LabelingResult:
     predicted = policy.predicted_pixels
-    precision = None
+    precision = overall = None
     if int(cm.matrix.sum()) > 0:
         precision = [None if np.isnan(v) else float(v) for v in cm.precision()]
+        overall = cm.accuracy()
     return LabelingResult(
         thresholds=[float(t) for t in thresholds], predicted_pixels=[int(v) for v in predicted],
         selected_pixels=[int(v) for v in selected], precision=precision,
-        selected_share=int(selected.sum()) / max(int(predicted.sum()), 1),
+        selected_share=int(selected.sum()) / max(int(predicted.sum()), 1), precision_overall=overall,
     )

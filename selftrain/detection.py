@@ -1,0 +1,192 @@
+"""Box maths for detection pseudo-labels: WST and SRRS (Kim et al., ICCV 2019, arXiv:1909.00597).
+
+Weak self-training (Sec. 3.2) fine-tunes a one-stage detector (SSD) on its own target detections
+and guards against both error types of those pseudo-labels:
+
+- false positives: a final (post-NMS) detection becomes a pseudo-label only when its Supporting
+  Region-based Reliable Score (SRRS, Eq. 3) reaches ``epsilon`` (Algorithm 1);
+- false negatives: the background term of the SSD confidence loss uses *weak* negatives (Eq. 2):
+  of the negatives that hard negative mining picks, the third with the lowest loss.
+
+Everything here is a pure function on tensors. Boxes are xyxy in pixels with continuous
+coordinates (no +1); class 0 is background and detection labels are 1..K.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import box_iou as _tv_box_iou
+
+NEGATIVE_MODES = ("hard", "weak", "none")
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes, continuous coordinates (torchvision.ops.box_iou).
+
+    Shape: boxes1 [N, 4], boxes2 [M, 4] -> [N, M], in the promoted floating dtype (at least float32).
+    """
+    dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
+    return _tv_box_iou(boxes1.to(dtype).reshape(-1, 4), boxes2.to(dtype).reshape(-1, 4))
+
+
+def srrs(
+    boxes: torch.Tensor,
+    probs: torch.Tensor,
+    final_boxes: torch.Tensor,
+    final_labels: torch.Tensor,
+    delta: float = 0.5,
+) -> torch.Tensor:
+    """Supporting Region-based Reliable Score of each final detection (Kim et al. 2019, Eq. 3).
+
+    ``SRRS(r*) = 1/N_s * sum_i IoU(r_i, r*) * P(c*|r_i)`` over the supporting regions: the raw
+    candidates ``r_i`` with ``IoU(r_i, r*) >= delta`` (Algorithm 1, line 3), ``N_s`` their count
+    and ``c*`` the class of ``r*``. The mean is over the supporting regions only. A final box with
+    no supporting region scores 0 (the paper leaves ``N_s = 0`` undefined; with ``r*`` itself among
+    the candidates, as after SSD's NMS, ``N_s >= 1``).
+
+    Shape:
+        boxes: [N, 4] raw (pre-NMS) candidate boxes; probs: [N, K + 1] their softmax (column 0 =
+        background); final_boxes: [M, 4]; final_labels: [M] int in 1..K  ->  [M].
+    """
+    if probs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"srrs: {boxes.shape[0]} candidate boxes but {probs.shape[0]} probability rows")
+    iou = box_iou(final_boxes, boxes)  # [M, N]
+    support = iou >= delta
+    class_prob = probs.to(iou.dtype)[:, final_labels.long()].T  # [M, N]: P(c*_l | r_i)
+    total = (iou * class_prob * support).sum(dim=1)
+    count = support.sum(dim=1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def keep_by_srrs(scores: torch.Tensor, epsilon: float = 0.8) -> torch.Tensor:
+    """Which final detections become pseudo-labels: ``SRRS >= epsilon`` (Algorithm 1, line 8).
+
+    The paper uses ``epsilon = 0.8`` (Sec. 4.2) or :func:`epsilon_schedule` with BSR.
+    Shape: scores [M] -> bool [M].
+    """
+    return scores >= epsilon
+
+
+def epsilon_schedule(progress: float, rate: float = 3.0) -> float:
+    """SRRS threshold for WST together with BSR: ``1 / (1 + exp(-3 p))`` (Kim et al. 2019, Sec. 4.2).
+
+    ``p = current iteration / max iteration`` in [0, 1], so ``epsilon`` rises from 0.5 to
+    ``1 / (1 + e^-3) ~ 0.953``: more reliable pseudo-labels are demanded as training proceeds.
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1] (current / max iteration), got {progress}")
+    return 1.0 / (1.0 + math.exp(-rate * progress))
+
+
+def select_confident(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pseudo-boxes of naive self-training: the final detections with ``score >= threshold``.
+
+    The "ST" baseline of Kim et al. 2019 (Sec. 4.3, Table 4 row A uses ``threshold = 0.9``); pass
+    SRRS values as ``scores`` to select as Algorithm 1 does. Order is kept.
+    Shape: boxes [M, 4], scores [M], labels [M] -> the same with M' <= M rows.
+    """
+    keep = scores >= threshold
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def _descending_rank(conf_loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every anchor by descending loss over the last dim, negatives first.
+
+    Positives are ranked after every negative; ties keep anchor order (stable sort).
+    Shape: [..., A] -> [..., A] int64.
+    """
+    loss = conf_loss.detach().masked_fill(positive, float("-inf"))
+    order = loss.argsort(dim=-1, descending=True, stable=True)
+    return order.argsort(dim=-1)
+
+
+def _hard_count(positive: torch.Tensor, neg_pos_ratio: int) -> torch.Tensor:
+    """``|Neg| = min(ratio * num_pos, num_neg)`` per row. Shape: [..., A] -> [..., 1] int64."""
+    num_pos = positive.sum(dim=-1, keepdim=True)
+    return torch.minimum(neg_pos_ratio * num_pos, positive.shape[-1] - num_pos)
+
+
+def hard_negative_mask(conf_loss: torch.Tensor, positive: torch.Tensor, neg_pos_ratio: int = 3) -> torch.Tensor:
+    """SSD hard negative mining (Liu et al. 2016; torchvision ``SSD.compute_loss``): the set Neg.
+
+    Per row, the ``neg_pos_ratio * num_pos`` negatives with the highest confidence loss. As in
+    torchvision, a row without positives gets no negatives (its minimum of ``neg_pos_ratio`` is
+    commented out there). Unlike torchvision, the count is capped at the number of negatives, so a
+    positive never enters the negative set.
+
+    Shape: conf_loss [A] or [B, A] (cross-entropy against background), positive bool, same shape
+    -> bool, same shape.
+    """
+    rank = _descending_rank(conf_loss, positive)
+    return (rank < _hard_count(positive, neg_pos_ratio)) & ~positive
+
+
+def weak_negative_mask(
+    conf_loss: torch.Tensor, positive: torch.Tensor, neg_pos_ratio: int = 3, divisor: int = 3
+) -> torch.Tensor:
+    """Weak negative mining (Kim et al. 2019, Sec. 3.2): the set Ñeg of Eq. (2).
+
+    Of the hard negatives Neg (:func:`hard_negative_mask`), the ``floor(|Neg| / divisor)`` with the
+    lowest confidence loss: ``num_pos`` of them when there are enough negatives. The highest-loss
+    negatives are the likeliest missed objects, so they are left out of the loss.
+
+    Shape: conf_loss [A] or [B, A], positive bool, same shape -> bool, same shape.
+    """
+    rank = _descending_rank(conf_loss, positive)
+    hard = _hard_count(positive, neg_pos_ratio)
+    return (rank < hard) & (rank >= hard - hard // divisor) & ~positive
+
+
+def negative_mask(mode: str, conf_loss: torch.Tensor, positive: torch.Tensor, neg_pos_ratio: int = 3) -> torch.Tensor:
+    """Negatives in the background term of the confidence loss for a Table 4 setting.
+
+    ``mode``: "hard" (Eq. 1, SSD), "weak" (Eq. 2, WST) or "none" ("Mask": no negative is used).
+    Positives always enter the loss. Shape: [A] or [B, A] -> bool, same shape.
+    """
+    if mode == "hard":
+        return hard_negative_mask(conf_loss, positive, neg_pos_ratio)
+    if mode == "weak":
+        return weak_negative_mask(conf_loss, positive, neg_pos_ratio)
+    if mode == "none":
+        return torch.zeros_like(positive, dtype=torch.bool)
+    raise ValueError(f"unknown negative mode {mode!r}; valid: {', '.join(NEGATIVE_MODES)}")
+
+
+@dataclass(frozen=True)
+class WSTSwitches:
+    """One row of the WST ablation (Kim et al. 2019, Table 4 and Sec. 5.1).
+
+    srrs: pseudo-labels by SRRS >= threshold (Algorithm 1) instead of detection score >= threshold.
+    negatives: "hard" (Eq. 1), "none" (column "Mask") or "weak" (column "Weak Mask", Eq. 2).
+    threshold: epsilon of Algorithm 1; "0.9 without SRRS, and 0.8 with SRRS" (Sec. 5.1).
+    box_loss: localization loss on pseudo-boxes; off in every row (ST "without localization loss",
+    Sec. 4.3; WST does "not update the network for bounding box regression", Sec. 3.2).
+    """
+
+    srrs: bool
+    negatives: str
+    threshold: float
+    box_loss: bool = False
+
+
+ABLATION_ROWS = {  # Table 4: (SRRS, negatives); mAP on Clipart1k in the comment
+    "A": (False, "hard"),  # ST, 10.7
+    "B": (True, "hard"),  # SRRS, 10.5
+    "C": (False, "none"),  # Mask, 16.8
+    "D": (True, "none"),  # SRRS+Mask, 29.2
+    "E": (False, "weak"),  # Weak Mask, 31.3
+    "F": (True, "weak"),  # SRRS+Weak Mask, 33.8: the proposed WST
+}
+
+
+def ablation_switches(row: str) -> WSTSwitches:
+    """Settings of a row ("A".."F") of Table 4 in Kim et al. 2019; "F" is WST."""
+    if row not in ABLATION_ROWS:
+        raise ValueError(f"unknown Table 4 row {row!r}; valid: {', '.join(ABLATION_ROWS)}")
+    use_srrs, negatives = ABLATION_ROWS[row]
+    return WSTSwitches(srrs=use_srrs, negatives=negatives, threshold=0.8 if use_srrs else 0.9)

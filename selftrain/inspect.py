@@ -1,0 +1,355 @@
+"""Round-by-round statistics over a run directory: what each round labelled, and what changed.
+
+Counts come from the pseudo-label files themselves (``selected_pixels`` as the writer stored it,
+or a scan of ``labels`` with ``recount=True``; boxes are always counted from ``labels``);
+precision and the model's score after each round come from ``metrics.jsonl``, which the engine
+fills where the target set has ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import RunDir
+from .errors import StoreError, UserError
+from .metrics import bincount_skipping
+from .progress import progress
+from .store import RoundReader, open_round
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One row of ``selftrain labels summary``; ``counts`` are pixels or boxes per class [C]."""
+
+    round: int
+    policy: str | None
+    portion: float | None
+    images: int
+    unit: str  # "pixels" or "boxes"
+    counts: list[int]
+    labelled_share: float | None  # selected / all pixels of the round (segmentation)
+    thresholds: list[float] | None
+    precision: list[float | None] | None
+    precision_overall: float | None
+    metric: str | None  # "mIoU" or "mAP"
+    score: float | None
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+    def shares(self) -> list[float]:
+        """Share of each class among the labelled pixels or boxes."""
+        return [c / self.total if self.total else 0.0 for c in self.counts]
+
+
+def open_run(path: str | Path) -> RunDir:
+    """A run directory written by ``selftrain run``; a UserError naming the fix otherwise."""
+    run = RunDir(Path(path))
+    if not run.root.is_dir():
+        raise UserError(f"run directory {run.root} does not exist; pass the --out directory of `selftrain run`")
+    if not run.config.is_file():
+        raise UserError(f"{run.root} is not a selftrain run directory (no config.yaml); "
+                        "pass the --out directory of `selftrain run`")
+    return run
+
+
+def run_class_names(path: str | Path) -> list[str]:
+    """Class names of a run: from its first pseudo-label file, else its evaluation files, else its recipe."""
+    run = open_run(path)
+    rounds = pseudo_rounds(run)
+    if rounds:
+        with open_round_of(run, rounds[0]) as reader:
+            return list(reader.meta["class_names"])
+    for file in sorted((run.root / "eval").glob("round_*.json")):
+        return list(json.loads(file.read_text()).get("class_names", []))
+    from .config import load_recipe
+
+    cfg = load_recipe(run.config)
+    return list(cfg.data.class_names or [f"class_{i}" for i in range(cfg.data.num_classes)])
+
+
+def pseudo_rounds(run: RunDir) -> list[int]:
+    """Rounds with a pseudo-label file, in order."""
+    folder = run.root / "pseudo"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("round_[0-9][0-9][0-9].h5"))
+
+
+def read_metrics(run: RunDir) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl by round (the last record of a round wins); empty when the file is absent."""
+    if not run.metrics.is_file():
+        return {}
+    records: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(run.metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{run.metrics} line {n} is not JSON; the file was edited or damaged: "
+                            "restore it or rerun with --resume") from None
+        records[int(record["round"])] = record
+    return records
+
+
+def open_round_of(run: RunDir, round_index: int) -> RoundReader:
+    """The complete pseudo-label file of one round (StoreError names the fix otherwise)."""
+    path = run.pseudo(round_index)
+    if not path.is_file():
+        have = ", ".join(map(str, pseudo_rounds(run))) or "none"
+        raise StoreError(f"round {round_index} has no pseudo-label file {path}; rounds with labels: {have}")
+    return open_round(path)
+
+
+def summarize_run(path: str | Path, *, recount: bool = False) -> list[RoundStats]:
+    """Round 0 (source only, from metrics) and one row per pseudo-labelled round."""
+    run = open_run(path)
+    metrics = read_metrics(run)
+    rows = [_metrics_only_row(metrics[0])] if 0 in metrics else []
+    for r in pseudo_rounds(run):
+        with open_round_of(run, r) as reader:
+            rows.append(round_stats(reader, metrics.get(r, {}), recount=recount))
+    return rows
+
+
+def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = False) -> RoundStats:
+    """Statistics of one pseudo-label file plus the matching metrics record."""
+    meta, pseudo = reader.meta, record.get("pseudo") or {}
+    counts, share = _counts(reader, recount)
+    thresholds = None if reader.thresholds is None else [float(t) for t in reader.thresholds]
+    metric, score = _score(record)
+    return RoundStats(
+        round=int(meta["round"]), policy=meta.get("policy"), portion=_float(meta.get("portion")), images=len(reader),
+        unit="pixels" if reader.task == "segmentation" else "boxes", counts=counts, labelled_share=share,
+        thresholds=thresholds, precision=pseudo.get("precision"), precision_overall=pseudo.get("precision_overall"),
+        metric=metric, score=score,
+    )
+
+
+def count_labels(reader: RoundReader, *, block: int = 16) -> np.ndarray:
+    """Pixels (segmentation) or boxes (detection) per class, read straight from the file. -> [C] int64"""
+    num_classes = int(reader.meta["num_classes"])
+    h5 = reader._file()
+    if reader.task == "detection":
+        labels = torch.from_numpy(h5["labels"][()].astype(np.int64))
+        return bincount_skipping(labels - 1, (labels < 1) | (labels > num_classes), num_classes).numpy()
+    ignore = int(reader.meta["ignore_index"])
+    total = torch.zeros(num_classes, dtype=torch.int64)
+    for start in progress(range(0, len(reader), block), desc="count labels", unit="block"):
+        chunk = torch.from_numpy(h5["labels"][start:start + block].astype(np.int64))
+        total += bincount_skipping(chunk, chunk == ignore, num_classes)
+    return total.numpy()
+
+
+def _counts(reader: RoundReader, recount: bool) -> tuple[list[int], float | None]:
+    stored = reader.selected_pixels if reader.task == "segmentation" else None
+    counts = count_labels(reader) if recount or stored is None else np.asarray(stored)
+    share = None
+    if reader.task == "segmentation" and len(reader):
+        height, width = reader._file()["labels"].shape[1:]
+        share = float(counts.sum()) / (len(reader) * height * width)
+    return [int(c) for c in counts], share
+
+
+def _metrics_only_row(record: dict[str, Any]) -> RoundStats:
+    metric, score = _score(record)
+    return RoundStats(round=int(record["round"]), policy=None, portion=None, images=0, unit="pixels", counts=[],
+                      labelled_share=None, thresholds=None, precision=None, precision_overall=None,
+                      metric=metric, score=score)
+
+
+def _score(record: dict[str, Any]) -> tuple[str | None, float | None]:
+    evaluation = record.get("eval") or {}
+    if "miou" in evaluation:
+        return "mIoU", float(evaluation["miou"])
+    if "map" in evaluation:
+        return "mAP", float(evaluation["map"])
+    return None, None
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def summary_json(rows: Sequence[RoundStats], class_names: Sequence[str]) -> str:
+    """Everything in the summary, for scripts (NaN-free JSON)."""
+    out = [{**asdict(row), "shares": row.shares(), "total": row.total} for row in rows]
+    return json.dumps({"class_names": list(class_names), "rounds": out}, indent=2)
+
+
+def format_summary(rows: Sequence[RoundStats], class_names: Sequence[str]) -> str:
+    """One line per round, then per-class tables (share, threshold, precision) with rounds as columns."""
+    head = f"{'round':>5} {'policy':>8} {'portion':>8} {'images':>7} {'labelled':>16} {'precision':>10} {'score':>12}"
+    lines = [head]
+    for row in rows:
+        lines.append(_round_line(row))
+    labelled = [row for row in rows if row.counts]
+    if labelled:
+        lines += ["", *_class_table("share of labels %", labelled, class_names, lambda r, c: _pct(r.shares()[c]))]
+        lines += ["", *_class_table("threshold", labelled, class_names, lambda r, c: _num(r.thresholds, c))]
+        if any(row.precision for row in labelled):
+            lines += ["", *_class_table("precision %", labelled, class_names, lambda r, c: _prec(r.precision, c))]
+    return "\n".join(lines)
+
+
+def _round_line(row: RoundStats) -> str:
+    if not row.counts:
+        labelled = "(source only)"
+    elif row.unit == "pixels":
+        labelled = f"{row.total} ({100 * (row.labelled_share or 0):.1f}%)"
+    else:
+        labelled = f"{row.total} boxes"
+    portion = "-" if row.portion is None else f"{row.portion:.2f}"
+    precision = "-" if row.precision_overall is None else f"{100 * row.precision_overall:.1f}"
+    score = "-" if row.score is None else f"{row.metric} {row.score:.1f}"
+    images = row.images or "-"
+    return f"{row.round:>5} {row.policy or '-':>8} {portion:>8} {images:>7} {labelled:>16} {precision:>10} {score:>12}"
+
+
+def _class_table(title: str, rows: Sequence[RoundStats], class_names: Sequence[str], cell) -> list[str]:
+    width = max([len(title), *(len(n) for n in class_names)]) + 2
+    lines = [f"{title:<{width}}" + "".join(f"{'round ' + str(r.round):>10}" for r in rows)]
+    for c, name in enumerate(class_names):
+        lines.append(f"{name:<{width}}" + "".join(f"{cell(r, c):>10}" for r in rows))
+    return lines
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _num(values: Sequence[float] | None, c: int) -> str:
+    return "-" if values is None else f"{values[c]:.4f}"
+
+
+def _prec(values: Sequence[float | None] | None, c: int) -> str:
+    if not values or values[c] is None or (isinstance(values[c], float) and math.isnan(values[c])):
+        return "-"
+    return f"{100 * values[c]:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Differences between two rounds
+
+
+@dataclass(frozen=True)
+class RoundDiff:
+    """How labels moved from round ``a`` to round ``b`` over the images both rounds labelled.
+
+    ``transitions`` is [C+1, C+1]: row = class in ``a``, column = class in ``b``, index C = not
+    labelled (ignored pixel, or no matching box). Boxes match across rounds at IoU >= 0.5.
+    """
+
+    a: int
+    b: int
+    unit: str
+    transitions: np.ndarray
+    images: int
+    only_a: int
+    only_b: int
+
+    def column(self, name: str) -> np.ndarray:
+        """Per-class [C] counts: ``in_a``, ``in_b``, ``kept``, ``added``, ``dropped``, ``changed_out``, ``changed_in``."""
+        t, c = self.transitions, self.transitions.shape[0] - 1
+        kept = np.diag(t)[:c]
+        columns = {
+            "in_a": t[:c].sum(1), "in_b": t[:, :c].sum(0),
+            "kept": kept, "added": t[c, :c], "dropped": t[:c, c],
+            "changed_out": t[:c, :c].sum(1) - kept, "changed_in": t[:c, :c].sum(0) - kept,
+        }
+        return columns[name]
+
+
+def diff_rounds(path: str | Path, a: int, b: int, *, iou: float = 0.5) -> RoundDiff:
+    """Compare the pseudo-labels of rounds ``a`` and ``b`` of one run, image by image (matched by id)."""
+    run = open_run(path)
+    with open_round_of(run, a) as ra, open_round_of(run, b) as rb:
+        if ra.task != rb.task:
+            raise StoreError(f"rounds {a} and {b} hold different tasks ({ra.task}, {rb.task}); compare rounds of one run")
+        common = [i for i in ra.image_ids if i in set(rb.image_ids)]
+        num_classes = int(ra.meta["num_classes"])
+        pairs = ((ra.index_of(i), rb.index_of(i)) for i in common)
+        fn = _seg_transitions if ra.task == "segmentation" else _box_transitions
+        transitions = fn(ra, rb, pairs, num_classes, iou)
+        return RoundDiff(a=a, b=b, unit="pixels" if ra.task == "segmentation" else "boxes",
+                         transitions=transitions.numpy(), images=len(common),
+                         only_a=len(ra) - len(common), only_b=len(rb) - len(common))
+
+
+def _seg_transitions(ra: RoundReader, rb: RoundReader, pairs, num_classes: int, iou: float) -> torch.Tensor:
+    size = num_classes + 1
+    total = torch.zeros(size * size, dtype=torch.int64)
+    ignore_a, ignore_b = int(ra.meta["ignore_index"]), int(rb.meta["ignore_index"])
+    for ia, ib in progress(list(pairs), desc="diff", unit="img"):
+        la, lb = torch.from_numpy(ra.labels(ia).astype(np.int64)), torch.from_numpy(rb.labels(ib).astype(np.int64))
+        if la.shape != lb.shape:
+            raise StoreError(f"image {ra.image_ids[ia]!r} has labels of size {tuple(la.shape)} in round "
+                             f"{ra.meta['round']} and {tuple(lb.shape)} in round {rb.meta['round']}; compare rounds of one run")
+        la = torch.where(la == ignore_a, num_classes, la)
+        lb = torch.where(lb == ignore_b, num_classes, lb)
+        total += torch.bincount((la * size + lb).reshape(-1), minlength=size * size)
+    return total.view(size, size)
+
+
+def _box_transitions(ra: RoundReader, rb: RoundReader, pairs, num_classes: int, iou: float) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
+    size = num_classes + 1
+    total = torch.zeros(size, size, dtype=torch.int64)
+    for ia, ib in pairs:
+        da, db = ra.boxes(ia), rb.boxes(ib)
+        la, lb = torch.from_numpy(da["labels"]) - 1, torch.from_numpy(db["labels"]) - 1
+        overlap = box_iou(torch.from_numpy(da["boxes"]), torch.from_numpy(db["boxes"]))
+        matched_a, matched_b = _greedy_match(overlap, iou)
+        for i, j in zip(matched_a, matched_b):
+            total[la[i], lb[j]] += 1
+        for i in sorted(set(range(len(la))) - set(matched_a)):
+            total[la[i], num_classes] += 1
+        for j in sorted(set(range(len(lb))) - set(matched_b)):
+            total[num_classes, lb[j]] += 1
+    return total
+
+
+def _greedy_match(overlap: torch.Tensor, threshold: float) -> tuple[list[int], list[int]]:
+    """Pairs (i, j) taken in decreasing IoU, each box used once, IoU >= threshold."""
+    if overlap.numel() == 0:
+        return [], []
+    order = torch.argsort(overlap.reshape(-1), descending=True).tolist()
+    used_a: list[int] = []
+    used_b: list[int] = []
+    for k in order:
+        i, j = divmod(k, overlap.shape[1])
+        if float(overlap[i, j]) < threshold:
+            break
+        if i not in used_a and j not in used_b:
+            used_a.append(i)
+            used_b.append(j)
+    return used_a, used_b
+
+
+def format_diff(d: RoundDiff, class_names: Sequence[str]) -> str:
+    """Per class: labels in each round, kept, added, dropped, changed to/from another class."""
+    cols = ("in_a", "in_b", "kept", "added", "dropped", "changed_out", "changed_in")
+    titles = (f"round {d.a}", f"round {d.b}", "kept", "added", "dropped", "to other", "from other")
+    width = max(len(n) for n in class_names) + 2
+    lines = [f"{d.unit} per class, {d.images} images in both rounds"
+             + (f" ({d.only_a} only in round {d.a}, {d.only_b} only in round {d.b})" if d.only_a or d.only_b else ""),
+             f"{'class':<{width}}" + "".join(f"{t:>14}" for t in titles)]
+    values = [d.column(c) for c in cols]
+    for k, name in enumerate(class_names):
+        lines.append(f"{name:<{width}}" + "".join(f"{int(v[k]):>14}" for v in values))
+    lines.append(f"{'total':<{width}}" + "".join(f"{int(v.sum()):>14}" for v in values))
+    return "\n".join(lines)

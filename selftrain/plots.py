@@ -1,0 +1,124 @@
+"""Per-run plots from metrics.jsonl, written to ``<run>/plots/`` after every round.
+
+- ``score.png``: target mIoU (or mAP) per round, round 0 = source only.
+- ``class_iou.png``: IoU (or AP) per class per round as an annotated heat map.
+- ``pseudo_distribution.png``: share of the pseudo-labels per class, one stacked bar per round.
+- ``thresholds.png``: threshold per class per round (log scale).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .io import atomic_path
+from .overlay import palette_for
+
+
+def plot_run(records: Sequence[dict[str, Any]], class_names: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """Write every plot the records support; returns the files written."""
+    out_dir = Path(out_dir)
+    palette = palette_for(class_names) / 255.0
+    evaluated = [r for r in records if r.get("eval")]
+    labelled = [r for r in records if r.get("pseudo")]
+    written = []
+    if evaluated:
+        written.append(_save(_score_figure(evaluated), out_dir / "score.png"))
+        written.append(_save(_class_score_figure(evaluated, class_names), out_dir / "class_iou.png"))
+    if labelled:
+        written.append(_save(_distribution_figure(labelled, class_names, palette), out_dir / "pseudo_distribution.png"))
+        written.append(_save(_threshold_figure(labelled, class_names, palette), out_dir / "thresholds.png"))
+    return written
+
+
+def _metric(record: dict[str, Any]) -> tuple[str, float, list[float | None]]:
+    evaluation = record["eval"]
+    if "miou" in evaluation:
+        return "mIoU", evaluation["miou"], evaluation.get("iou", [])
+    return "mAP", evaluation["map"], evaluation.get("ap", [])
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _score_figure(records):
+    fig = _figure(5, 3.2)
+    ax = fig.add_subplot()
+    name = _metric(records[0])[0]
+    rounds = [r["round"] for r in records]
+    scores = [_metric(r)[1] for r in records]
+    ax.plot(rounds, scores, marker="o")
+    ax.margins(x=0.1, y=0.2)
+    for x, y in zip(rounds, scores):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(rounds, ["source\nonly" if x == 0 else str(x) for x in rounds])
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"target {name} (%)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _class_score_figure(records, class_names):
+    name = _metric(records[0])[0]
+    values = np.array([[np.nan if v is None else v for v in _metric(r)[2]] for r in records], dtype=float).T
+    fig = _figure(1.2 + 0.7 * len(records), 0.8 + 0.28 * len(class_names))
+    ax = fig.add_subplot()
+    ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for (c, r), v in np.ndenumerate(values):
+        text = "-" if np.isnan(v) else f"{v:.0f}"
+        ax.text(r, c, text, ha="center", va="center", fontsize=7, color="white" if np.isnan(v) or v < 60 else "black")
+    ax.set_xticks(range(len(records)), ["src" if r["round"] == 0 else str(r["round"]) for r in records])
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xlabel("round")
+    ax.set_title(f"{'IoU' if name == 'mIoU' else 'AP'} per class (%)", fontsize=9)
+    return fig
+
+
+def _distribution_figure(records, class_names, palette):
+    fig = _figure(1.8 + 0.8 * len(records), 4)
+    ax = fig.add_subplot()
+    rounds = [str(r["round"]) for r in records]
+    counts = np.array([r["pseudo"]["selected_pixels"] for r in records], dtype=float)
+    shares = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    bottom = np.zeros(len(records))
+    for c, name in enumerate(class_names):
+        ax.bar(rounds, shares[:, c], bottom=bottom, color=palette[c], label=name, edgecolor="white", linewidth=0.3)
+        bottom += shares[:, c]
+    ax.set_xlabel("round")
+    ax.set_ylabel("share of pseudo-labels (%)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _threshold_figure(records, class_names, palette):
+    fig = _figure(6.5, 3.6)
+    ax = fig.add_subplot()
+    rounds = [r["round"] for r in records]
+    thresholds = np.array([r["pseudo"]["thresholds"] for r in records], dtype=float)
+    for c, name in enumerate(class_names):
+        ax.plot(rounds, thresholds[:, c], marker="o", color=palette[c], label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round")
+    ax.set_ylabel("threshold (probability)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    if not fig.get_tight_layout():
+        fig.tight_layout()
+    with atomic_path(path, suffix=".png.tmp") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
