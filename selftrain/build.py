@@ -14,6 +14,7 @@ from .data.datasets import build_dataset
 from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
 from .training import OptimSpec, seed_everything
+from .tta import TestTimeAugment
 
 
 def build_dataset_from(spec: DatasetSpec, cfg: RunConfig, *, with_labels: bool) -> Any:
@@ -35,6 +36,8 @@ def build_data(cfg: RunConfig) -> RunData:
         source=source, target=target, target_val=val, num_classes=cfg.data.num_classes, class_names=names,
         ignore_index=cfg.data.ignore_index, flip=cfg.augment.flip, crop=cfg.augment.crop, scale=cfg.augment.scale,
         num_workers=cfg.data.num_workers, eval_batch=cfg.eval.batch_size, pseudo_batch=cfg.pseudo_batch_size,
+        eval_tta=TestTimeAugment(tuple(cfg.eval.scales), cfg.eval.flip),
+        pseudo_tta=TestTimeAugment(tuple(cfg.policy.scales), cfg.policy.flip), eval_every_round=cfg.eval.every_round,
     )
 
 

@@ -95,6 +95,9 @@ class PolicyConfig:
     name: str = "cbst"
     prior: str | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
+    # Test-time views for pseudo-label generation (the paper: scales 0.5, 0.75, 1.0 with flip).
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
 
 
 @dataclass
@@ -123,6 +126,8 @@ class AugmentConfig:
 class EvalConfig:
     batch_size: int = 8
     every_round: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
 
 
 @dataclass
@@ -319,6 +324,9 @@ def _check_values(cfg: RunConfig) -> None:
         (cfg.augment.crop is None or len(cfg.augment.crop) == 2, "augment.crop must be [height, width]"),
         (cfg.augment.scale is None or (len(cfg.augment.scale) == 2 and cfg.augment.crop is not None),
          "augment.scale must be [low, high] and needs augment.crop (batches need one size)"),
+        (bool(cfg.eval.scales) and all(x > 0 for x in cfg.eval.scales), "eval.scales must be positive, e.g. [0.5, 0.75, 1.0]"),
+        (bool(cfg.policy.scales) and all(x > 0 for x in cfg.policy.scales),
+         "policy.scales must be positive, e.g. [0.5, 0.75, 1.0]"),
     ]
     for ok, message in checks:
         if not ok:

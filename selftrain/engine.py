@@ -19,6 +19,7 @@ from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, s
 from .data.transforms import Augment, PseudoLabeled
 from .pseudo import label_target
 from .store import PseudoLabelWriter, open_round
+from .tta import TestTimeAugment
 from .training import OptimSpec, batches, evaluate, make_optimizer, make_scheduler, seed_everything, train_steps
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class RunData:
     num_workers: int = 0
     eval_batch: int = 8
     pseudo_batch: int = 8
+    eval_tta: TestTimeAugment = TestTimeAugment()
+    pseudo_tta: TestTimeAugment = TestTimeAugment()
+    eval_every_round: bool = True
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class Engine:
             return label_target(
                 adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
                 writer=writer, scratch=path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
-                device=torch.device(self.device), ignore_index=self.data.ignore_index,
+                device=torch.device(self.device), ignore_index=self.data.ignore_index, tta=self.data.pseudo_tta,
             )
 
     def _fine_tune(self, spec: RoundSpec, predicted_pixels: list[int]) -> dict[str, float]:
@@ -215,15 +219,21 @@ class Engine:
 
     def _finish_round(self, index: int, record: dict[str, Any]) -> None:
         record = {"round": index, **record}
-        if self.data.target_val is not None:
+        if self.data.target_val is not None and self._evaluates(index):
             record["eval"] = evaluate(self.adapter, self.data.target_val, num_classes=self.data.num_classes,
                                       ignore_index=self.data.ignore_index, batch_size=self.data.eval_batch,
-                                      device=torch.device(self.device), desc=f"round {index}: evaluate")
+                                      device=torch.device(self.device), desc=f"round {index}: evaluate",
+                                      tta=self.data.eval_tta)
         self._emit("on_round_end", record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
                         policy=self._policy_state(), metrics=record.get("eval"))
         link_atomic(path, self.run_dir.last)
+
+    def _evaluates(self, index: int) -> bool:
+        """Every round, or (eval.every_round: false) the source-only round and the last one."""
+        last = self.plan.rounds[-1].index if self.plan.rounds else 0
+        return self.data.eval_every_round or index in (0, last)
 
     def _policy_state(self) -> dict[str, Any] | None:
         return self.policy.state_dict() if self.policy is not None else None

@@ -22,6 +22,7 @@ from .metrics import ConfusionMatrix, bincount_skipping
 from .progress import progress
 from .store import PseudoLabelWriter
 from .training import collate
+from .tta import TestTimeAugment
 from .types import SegPrediction
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,13 @@ class LogitCache:
 
 def label_target(
     *, adapter, policy, dataset: Dataset, portion: float, writer: PseudoLabelWriter, scratch: Path,
-    batch_size: int, device: torch.device, ignore_index: int,
+    batch_size: int, device: torch.device, ignore_index: int, tta: TestTimeAugment | None = None,
 ) -> LabelingResult:
-    """Generate, select and store one round of pseudo-labels for ``dataset`` (in its order)."""
+    """Generate, select and store one round of pseudo-labels for ``dataset`` (in its order).
+
+    ``tta`` averages multi-scale and flipped views before the policy sees them.
+    """
+    tta = tta or TestTimeAugment()
     policy.reset()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     ids: list[list[str]] = []
@@ -88,7 +93,7 @@ def label_target(
     try:
         with cache:
             for batch in progress(loader, desc="pseudo-labels: predict", unit="batch"):
-                logits = cache.write(adapter.predict(batch["image"].to(device)).logits)
+                logits = cache.write(tta.predict(adapter, batch["image"].to(device)).logits)
                 policy.observe(SegPrediction(logits=logits))
                 ids.append(batch["id"])
         thresholds = policy.fit(portion)

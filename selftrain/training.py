@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .metrics import ConfusionMatrix
+from .tta import TestTimeAugment
 from .progress import progress
 
 
@@ -97,12 +98,13 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(adapter, dataset: Dataset, *, num_classes: int, ignore_index: int, batch_size: int,
-             device: torch.device, desc: str = "evaluate") -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set."""
+             device: torch.device, desc: str = "evaluate", tta: TestTimeAugment | None = None) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set (``tta``: multi-scale/flip views)."""
+    tta = tta or TestTimeAugment()
     cm = ConfusionMatrix(num_classes, ignore_index)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch in progress(loader, desc=desc, unit="batch"):
-        pred = adapter.predict(batch["image"].to(device)).logits.argmax(1).cpu()
+        pred = tta.predict(adapter, batch["image"].to(device)).logits.argmax(1).cpu()
         cm.update(pred, batch["label"])
     iou = cm.iou()
     return {"miou": float(np.nanmean(iou)) * 100, "iou": [None if math.isnan(v) else v * 100 for v in iou],
