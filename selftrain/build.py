@@ -14,10 +14,20 @@ from .data.datasets import build_dataset
 from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
 from .training import OptimSpec, seed_everything
+from .tasks import build_task
 from .tta import TestTimeAugment
 
 
+SEGMENTATION_POLICIES = ("st", "cbst", "st_sp", "cbst_sp", "mean_teacher")
+DETECTION_POLICIES = ("det_st", "wst", "mean_teacher")
+
+
 def build_dataset_from(spec: DatasetSpec, cfg: RunConfig, *, with_labels: bool) -> Any:
+    if cfg.task == "detection":
+        from .data.detsets import build_det_dataset
+
+        return build_det_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
+                                 class_names=cfg.data.class_names, with_labels=with_labels)
     return build_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
                          num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index,
                          with_labels=with_labels)
@@ -61,11 +71,20 @@ def class_names(cfg: RunConfig, dataset: Any) -> list[str]:
 def build_adapter(cfg: RunConfig) -> Any:
     from selftrain.adapters import create_adapter
 
+    from selftrain.adapters import ADAPTERS
+
+    builder = ADAPTERS.get(cfg.model.name)
+    kwargs = {"num_classes": cfg.data.num_classes, **cfg.model.options}
+    if cfg.task == "segmentation":
+        kwargs["ignore_index"] = cfg.data.ignore_index
     try:
-        return create_adapter(cfg.model.name, num_classes=cfg.data.num_classes,
-                              ignore_index=cfg.data.ignore_index, **cfg.model.options)
+        adapter = builder(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"model.options do not fit adapter {cfg.model.name}: {exc}") from None
+    if getattr(adapter, "task", "segmentation") != cfg.task:
+        raise ConfigError(f"adapter {cfg.model.name} is a {adapter.task} model but the recipe's task is {cfg.task}; "
+                          f"set task: {adapter.task} or pick a {cfg.task} adapter (`selftrain list adapters`)")
+    return adapter
 
 
 def build_policy(cfg: RunConfig) -> Any:
@@ -73,7 +92,11 @@ def build_policy(cfg: RunConfig) -> Any:
 
     if cfg.rounds.count == 0:
         return None
-    kwargs: dict[str, Any] = {"num_classes": cfg.data.num_classes, "ignore_index": cfg.data.ignore_index}
+    valid = DETECTION_POLICIES if cfg.task == "detection" else SEGMENTATION_POLICIES
+    if cfg.policy.name not in valid:
+        raise ConfigError(f"policy {cfg.policy.name!r} does not work for {cfg.task}; choose one of: {', '.join(valid)}")
+    kwargs: dict[str, Any] = {"num_classes": cfg.data.num_classes, "ignore_index": cfg.data.ignore_index,
+                              **cfg.policy.options}
     if cfg.policy.name.endswith("_sp"):
         if not cfg.policy.prior:
             raise ConfigError(f"policy {cfg.policy.name} needs policy.prior: the path of a prior built with "
@@ -83,7 +106,10 @@ def build_policy(cfg: RunConfig) -> Any:
         kwargs["prior"] = load_prior(cfg.policy.prior, num_classes=cfg.data.num_classes)
     elif cfg.policy.prior:
         raise ConfigError(f"policy.prior is only used by st_sp and cbst_sp, not {cfg.policy.name}; remove it")
-    return create_policy(cfg.policy.name, **kwargs)
+    try:
+        return create_policy(cfg.policy.name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"policy.options do not fit policy {cfg.policy.name}: {exc}") from None
 
 
 def build_plan(cfg: RunConfig, n_target: int) -> Plan:
@@ -101,6 +127,15 @@ def build_plan(cfg: RunConfig, n_target: int) -> Plan:
                 init_checkpoint=cfg.model.checkpoint)
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` is cuda when a GPU is visible, else cpu; a named GPU must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available on this machine; set device: cpu (or auto)")
+    return name
+
+
 def default_callbacks() -> list[Any]:
     """metrics.jsonl first: the plots read it back."""
     callbacks: list[Any] = [MetricsWriter(), PlotWriter()]
@@ -111,12 +146,13 @@ def default_callbacks() -> list[Any]:
 
 def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
     """Every object of a run, from a validated recipe."""
-    if cfg.device != "cpu" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device!r} is not available on this machine; set device: cpu")
-    data = build_data(cfg)
+    data = build_data(cfg)  # missing data is named before anything else
+    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # the model's initial weights depend on the seed alone
+    plan = build_plan(cfg, len(data.target))
+    task = build_task(cfg.task, data, mine_probability=plan.mining.probability, use_07=cfg.eval.use_07)
     return Engine(
-        adapter=build_adapter(cfg), policy=build_policy(cfg), data=data, plan=build_plan(cfg, len(data.target)),
-        run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=cfg.device,
+        adapter=build_adapter(cfg), policy=build_policy(cfg), data=data, plan=plan, task=task,
+        run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=device,
         callbacks=default_callbacks(),
     )

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from .checkpoint import RunDir
 from .io import append_line, write_text_atomic
+from .metrics import headline
 
 log = logging.getLogger("selftrain.report")
 
@@ -73,7 +74,8 @@ def scalars(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, flo
     pseudo = record.get("pseudo") or {}
     if pseudo:
         total = max(sum(pseudo["selected_pixels"]), 1)
-        out["pseudo/selected_share"] = float(pseudo["selected_share"])
+        if pseudo.get("selected_share") is not None:
+            out["pseudo/selected_share"] = float(pseudo["selected_share"])
         out.update({f"pseudo/share/{n}": v / total for n, v in zip(class_names, pseudo["selected_pixels"])})
         out.update({f"pseudo/threshold/{n}": float(t) for n, t in zip(class_names, pseudo["thresholds"])})
         out.update({f"pseudo/precision/{n}": float(p) for n, p in zip(class_names, pseudo.get("precision") or [])
@@ -99,11 +101,15 @@ class ConsoleReport:
 def format_round(record: dict[str, Any], class_names: Sequence[str]) -> str:
     head = f"round {record['round']}"
     if "eval" in record:
-        head += f"  target mIoU {record['eval']['miou']:.1f}"
+        metric, value, _ = headline(record["eval"])
+        head += f"  target {metric} {value:.1f}"
     pseudo = record.get("pseudo")
     if not pseudo:
         return head + "  (source only)"
-    head += f"  portion {record['portion']:.2f}  selected {100 * pseudo['selected_share']:.1f}% of pixels"
+    if pseudo.get("selected_share") is not None:
+        head += f"  portion {record['portion']:.2f}  selected {100 * pseudo['selected_share']:.1f}% of pixels"
+    else:
+        head += f"  {sum(pseudo['selected_pixels'])} labels stored (online)"
     rows = [f"  {'class':<14}{'threshold':>10}{'share %':>9}{'precision':>10}"]
     total = max(sum(pseudo["selected_pixels"]), 1)
     precision = pseudo.get("precision") or [None] * len(class_names)
@@ -115,20 +121,25 @@ def format_round(record: dict[str, Any], class_names: Sequence[str]) -> str:
 
 
 def format_comparison(records: list[dict[str, Any]], names: Sequence[str] | None) -> str:
-    """Per-class IoU of round 0 (source only) against the last round."""
-    first, last = records[0], records[-1]
-    names = names or [f"class {i}" for i in range(len(first["eval"]["iou"]))]
+    """Per-class IoU (or AP) of round 0 (source only) against the last round."""
+    metric, first_value, first_class = headline(records[0]["eval"])
+    last = records[-1]
+    _, last_value, last_class = headline(last["eval"]) if "eval" in last else (metric, float("nan"), [None] * len(first_class))
+    names = names or [f"class {i}" for i in range(len(first_class))]
     rows = [f"{'':<14}{'source only':>12}{'round ' + str(last['round']):>12}"]
     for c, name in enumerate(names):
-        rows.append(f"{name:<14}{_fmt(first['eval']['iou'][c]):>12}{_fmt(last['eval']['iou'][c]):>12}")
-    rows.append(f"{'mIoU':<14}{first['eval']['miou']:>12.1f}{last['eval']['miou']:>12.1f}")
+        rows.append(f"{name:<14}{_fmt(first_class[c]):>12}{_fmt(last_class[c]):>12}")
+    rows.append(f"{metric:<14}{first_value:>12.1f}{last_value:>12.1f}")
     return "\n".join(rows)
 
 
 def format_eval(result: dict[str, Any], names: Sequence[str]) -> str:
-    """Per-class IoU and mIoU of one evaluation."""
-    rows = [f"{name:<14}{_fmt(result['iou'][c]):>8}" for c, name in enumerate(names)]
-    rows.append(f"{'mIoU':<14}{result['miou']:>8.1f}")
+    """Per-class IoU (AP) and mIoU (mAP) of one evaluation."""
+    metric, value, per_class = headline(result)
+    rows = [f"{name:<14}{_fmt(per_class[c]):>8}" for c, name in enumerate(names)]
+    rows.append(f"{metric:<14}{value:>8.1f}")
+    if "miou13" in result:
+        rows.append(f"{'mIoU* (13)':<14}{result['miou13']:>8.1f}")
     return "\n".join(rows)
 
 

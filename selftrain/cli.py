@@ -73,13 +73,11 @@ def run(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bool, 
 @user_errors
 def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     """Evaluate a checkpoint on the recipe's target val set."""
-    from .build import build_adapter, build_data
+    from .build import build_adapter, build_data, resolve_device
     from .callbacks import format_eval
     from .checkpoint import load_checkpoint
     from .config import load_recipe
-    from .training import evaluate as run_eval
-
-    import torch
+    from .tasks import build_task
 
     cfg = load_recipe(recipe, overrides)
     data = build_data(cfg)
@@ -87,15 +85,15 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
         raise UserError("the recipe has no data.target_val; add a labelled target val set to evaluate")
     adapter = build_adapter(cfg)
     adapter.load_state_dict(load_checkpoint(checkpoint)["model"])
-    result = run_eval(adapter.to(cfg.device), data.target_val, num_classes=cfg.data.num_classes,
-                      ignore_index=cfg.data.ignore_index, batch_size=cfg.eval.batch_size,
-                      device=torch.device(cfg.device))
+    device = resolve_device(cfg.device)
+    task = build_task(cfg.task, data, use_07=cfg.eval.use_07)
+    result = task.evaluate(adapter.to(device), data.target_val, device=device, desc="evaluate")
     click.echo(format_eval(result, data.class_names))
 
 
 @main.group()
 def data() -> None:
-    """Data sets: write the embedded synthetic benchmark."""
+    """Data sets: check a recipe's data, write the embedded synthetic benchmark."""
 
 
 @data.command("synth")
@@ -115,6 +113,20 @@ def data_synth(out: str, seed: int, num_source: int, num_target_train: int, num_
     path = write_benchmark(out, seed=seed, num_source=num_source, num_target_train=num_target_train,
                            num_target_val=num_target_val, height=height, width=width)
     click.echo(f"wrote {num_source + num_target_train + num_target_val} images to {path}")
+
+
+@data.command("check")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. data.source.root=/data/gta5.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Count class frequencies over the first N images of each split only.")
+@user_errors
+def data_check(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
+    """Build the recipe's data sets, check every image has its label, print class frequencies."""
+    from .config import load_recipe
+    from .data.check import check_data, format_report
+
+    _setup_logging(quiet=False)
+    click.echo(format_report(check_data(load_recipe(recipe, overrides), limit=limit)))
 
 
 @main.group()
@@ -144,6 +156,90 @@ def priors_build(dataset, root, split, options, num_classes, out, size, ksize, p
     click.echo(summary)
 
 
+@priors.command("show")
+@click.argument("prior", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG to write (default: PRIOR with .png).")
+@click.option("--class-names", default=None, help="Comma-separated names (default: the prior's MANIFEST entry or class_i).")
+@user_errors
+def priors_show(prior: str, out: str | None, class_names: str | None) -> None:
+    """Heat maps of a spatial prior, one per class."""
+    from .priorbuild import show_prior
+
+    click.echo(f"wrote {show_prior(prior, out=out, class_names=class_names.split(',') if class_names else None)}")
+
+
+@main.group()
+def labels() -> None:
+    """Inspect the pseudo-labels of a run, round by round."""
+
+
+@labels.command("summary")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--recount", is_flag=True, help="Count labels by reading every image instead of the stored totals.")
+@user_errors
+def labels_summary(run: str, as_json: bool, recount: bool) -> None:
+    """Per round: portion, labelled pixels or boxes, class shares, thresholds, precision, score."""
+    from .inspect import format_summary, run_class_names, summarize_run, summary_json
+
+    rows = summarize_run(run, recount=recount)
+    names = run_class_names(run)
+    click.echo(summary_json(rows, names) if as_json else format_summary(rows, names))
+
+
+@labels.command("show")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--round", "round_index", required=True, type=int)
+@click.option("--image", "image_id", default=None, help="Image id as stored in the pseudo-label file.")
+@click.option("--index", type=int, default=None, help="Image position in the round (first of the sheet with --grid).")
+@click.option("--grid", type=int, default=None, help="A contact sheet of N images.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@user_errors
+def labels_show(run: str, round_index: int, image_id: str | None, index: int | None, grid: int | None, out: str) -> None:
+    """Image, pseudo-label overlay (ignored pixels hatched) and ground truth, as a PNG."""
+    from .views import show_labels
+
+    if image_id is not None and index is not None:
+        raise UserError("give --image or --index, not both")
+    click.echo(f"wrote {show_labels(run, round_index, out, index=index, image_id=image_id, grid=grid)}")
+
+
+@labels.command("diff")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("a", type=int)
+@click.argument("b", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def labels_diff(run: str, a: int, b: int, as_json: bool) -> None:
+    """Per class: labels added, dropped and changed from round A to round B."""
+    import json
+
+    from .inspect import diff_rounds, format_diff, run_class_names
+
+    d = diff_rounds(run, a, b)
+    names = run_class_names(run)
+    if as_json:
+        cols = ("in_a", "in_b", "kept", "added", "dropped", "changed_out", "changed_in")
+        click.echo(json.dumps({"a": a, "b": b, "unit": d.unit, "images": d.images, "class_names": names,
+                               **{c: d.column(c).tolist() for c in cols}}, indent=2))
+    else:
+        click.echo(format_diff(d, names))
+
+
+@labels.command("export")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--round", "round_index", required=True, type=int)
+@click.option("--format", "fmt", required=True, type=click.Choice(["png", "cityscapes", "voc", "coco"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@user_errors
+def labels_export(run: str, round_index: int, fmt: str, out: str) -> None:
+    """Write one round as label PNGs (png, cityscapes) or box files (voc, coco)."""
+    from .export import export_round
+
+    n = export_round(run, round_index, out, fmt)
+    click.echo(f"wrote {n} images of round {round_index} as {fmt} to {out}")
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["adapters", "policies", "datasets"]))
 def list_cmd(what: str) -> None:
@@ -164,16 +260,19 @@ def list_cmd(what: str) -> None:
 @click.option("--recipes", "recipes_dir", default="recipes", show_default=True, type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Applied to every recipe.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
+@click.option("--task", type=click.Choice(["segmentation", "detection"]), default="segmentation", show_default=True,
+              help="segmentation: ST/CBST/CBST-SP on street scenes; detection: ST/WST/mean teacher on shapes.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def demo(out: str, seeds: str, recipes_dir: str, overrides: tuple[str, ...], resume: bool, quiet: bool) -> None:
-    """Source only, ST, CBST and CBST-SP on the embedded synthetic benchmark, then a comparison."""
+def demo(out: str, seeds: str, recipes_dir: str, overrides: tuple[str, ...], resume: bool, task: str,
+         quiet: bool) -> None:
+    """Source only and every policy on an embedded synthetic benchmark, then a comparison."""
     from .demo import run_demo
 
     _setup_logging(quiet)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     click.echo(run_demo(out=Path(out), seeds=seed_list, recipes_dir=Path(recipes_dir),
-                        overrides=list(overrides), resume=resume))
+                        overrides=list(overrides), resume=resume, task=task))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ class PolicyConfig:
     name: str = "cbst"
     prior: str | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
+    # Keyword options of the policy constructor, e.g. {threshold: 0.8, negatives: weak} for wst.
+    options: dict[str, Any] = field(default_factory=dict)
     # Test-time views for pseudo-label generation (the paper: scales 0.5, 0.75, 1.0 with flip).
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
@@ -128,6 +130,7 @@ class EvalConfig:
     every_round: bool = True
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
+    use_07: bool = False  # detection: VOC07 11-point AP instead of all-point
 
 
 @dataclass
@@ -135,7 +138,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "detection"] = "segmentation"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     source_training: SourceTrainingConfig = field(default_factory=SourceTrainingConfig)
@@ -183,12 +186,14 @@ def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     """``delta`` over ``base``; nested mappings merge, everything else replaces.
 
     A mapping whose ``name`` changes (another model, data set or policy) replaces the base
-    mapping whole, so options of the old registry entry do not leak into the new one.
+    mapping whole, so options of the old registry entry do not leak into the new one; a base
+    mapping without a ``name`` is a partial (shared settings) and merges.
     """
     out = dict(base)
     for key, value in delta.items():
         old = out.get(key)
-        renamed = isinstance(old, dict) and isinstance(value, dict) and "name" in value and value["name"] != old.get("name")
+        renamed = (isinstance(old, dict) and isinstance(value, dict) and "name" in value and "name" in old
+                   and value["name"] != old["name"])
         if isinstance(value, dict) and isinstance(old, dict) and not renamed:
             out[key] = deep_merge(out[key], value)
         else:

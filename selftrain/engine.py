@@ -1,6 +1,9 @@
 """The round loop (CBST §3, Fig. 1): label the target set, keep the confident part, fine-tune, repeat.
 
-The engine only orchestrates; thresholds live in the policy, files in the store and checkpoint
+Offline policies (ST, CBST) label the whole target set with the model as it stands, then fine-tune;
+online policies (WST, mean teacher) label every target batch as the model trains and store, at the
+end of the round, what they make for every target image. The engine only orchestrates; thresholds
+live in the policy, segmentation/detection specifics in the task, files in the store and checkpoint
 modules, steps in :mod:`selftrain.training`, reporting in callbacks.
 """
 
@@ -16,11 +19,12 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, set_rng_state
-from .data.transforms import Augment, PseudoLabeled
+from .data.transforms import PseudoLabeled
 from .pseudo import label_target
 from .store import PseudoLabelWriter, open_round
 from .tta import TestTimeAugment
-from .training import OptimSpec, batches, evaluate, make_optimizer, make_scheduler, seed_everything, train_steps
+from .teachers import make_teacher
+from .training import OptimSpec, batches, make_optimizer, make_scheduler, seed_everything, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +103,23 @@ class Engine:
     plan: Plan
     run_dir: RunDir
     recipe_yaml: str
+    task: Any = None  # SegmentationTask | DetectionTask (selftrain.tasks); segmentation when None
     seed: int = 0
     device: str = "cpu"
     callbacks: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            from .tasks import SegmentationTask
+
+            self.task = SegmentationTask(self.data, mine_probability=self.plan.mining.probability)
+        self.teacher = None
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns one metrics record per round."""
         self.adapter.to(self.device)
         last = self.run_dir.prepare(self.recipe_yaml, resume)
+        self._make_teacher()
         if last is not None:
             self._restore(last)
             log.info("resuming %s after round %d", self.run_dir.root, last)
@@ -137,7 +150,8 @@ class Engine:
 
     def _train_source(self, phase: SourcePhase) -> dict[str, float]:
         gen = seed_everything(self._seed(0))
-        stream = batches(self._augmented(self.data.source), phase.batch_size, gen, self.data.num_workers)
+        stream = batches(self._augmented(self.data.source), phase.batch_size, gen, self.data.num_workers,
+                         collate_fn=self.task.collate)
         optimizer = make_optimizer(self.adapter.parameters(), phase.optim)
         scheduler = make_scheduler(optimizer, phase.lr_schedule, phase.steps)
 
@@ -150,6 +164,8 @@ class Engine:
     # -- self-training rounds --------------------------------------------------------------------
 
     def _round(self, spec: RoundSpec) -> None:
+        if not getattr(self.policy, "offline", True):
+            return self._online_round(spec)
         seed_everything(self._seed(spec.index))
         labeling = self._label(spec)
         losses = self._fine_tune(spec, labeling.predicted_pixels)
@@ -176,7 +192,7 @@ class Engine:
         gen = seed_everything(self._seed(spec.index) + 1)
         reader = open_round(self.run_dir.pseudo(spec.index))
         target = self._augmented(PseudoLabeled(self.data.target, reader), self._mine(predicted_pixels))
-        target_stream = batches(target, self.plan.batch_target, gen, self.data.num_workers)
+        target_stream = batches(target, self.plan.batch_target, gen, self.data.num_workers, collate_fn=self.task.collate)
         source_stream = self._source_stream(spec, gen)
         optimizer = make_optimizer(self.adapter.parameters(), self.plan.optim, lr=spec.lr)
         scheduler = make_scheduler(optimizer, "constant", spec.steps)
@@ -193,8 +209,66 @@ class Engine:
 
     def _losses(self, prefix: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One forward per domain; the adapter's named losses under ``prefix/``."""
-        out = self.adapter.forward_train(batch["image"].to(self.device), batch["label"].to(self.device))
-        return {f"{prefix}/{k}": v for k, v in out.losses.items()}
+        losses = self.task.supervised_losses(self.adapter, batch, self.device)
+        return {f"{prefix}/{k}": v for k, v in losses.items()}
+
+    # -- online rounds (WST, mean teacher) ------------------------------------------------------
+
+    def _make_teacher(self) -> None:
+        if self.policy is not None and not getattr(self.policy, "offline", True):
+            self.teacher = make_teacher(self.policy.teacher, self.adapter, **self.policy.teacher_options())
+
+    def _online_round(self, spec: RoundSpec) -> None:
+        """Each step: the teacher labels a target batch, the policy keeps what it trusts, the student
+        learns from it (and from a source batch); then the round's labels are stored for every image."""
+        gen = seed_everything(self._seed(spec.index) + 1)
+        target = batches(self._augmented(self.data.target), self.plan.batch_target, gen, self.data.num_workers,
+                         collate_fn=self.task.collate)
+        source_stream = self._source_stream(spec, gen)
+        optimizer = make_optimizer(self.adapter.parameters(), self.plan.optim, lr=spec.lr)
+        done, total = self._steps_before(spec.index), sum(r.steps for r in self.plan.rounds)
+        counter = iter(range(spec.steps))
+
+        def step() -> dict[str, torch.Tensor]:
+            i = next(counter)
+            losses = self._losses("src", next(source_stream)) if source_stream is not None else {}
+            target_losses = self.task.online_losses(self.adapter, self.teacher, self.policy, next(target),
+                                                    device=self.device, progress=(done + i) / max(total, 1))
+            return {**losses, **{f"tgt/{k}": v for k, v in target_losses.items()}}
+
+        losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, "constant", spec.steps),
+                             steps=spec.steps, desc=f"round {spec.index}: online", after_step=self._teacher_update(done))
+        self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
+        self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
+                                        "steps": spec.steps, "losses": losses,
+                                        "pseudo": self._online_summary(spec.index)})
+
+    def _teacher_update(self, done: int):
+        return lambda i: self.teacher.update(self.adapter, done + i)
+
+    def _steps_before(self, index: int) -> int:
+        return sum(r.steps for r in self.plan.rounds if r.index < index)
+
+    def _store_online(self, spec: RoundSpec, progress_value: float) -> None:
+        writer = PseudoLabelWriter(
+            self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
+            portion=1.0, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
+            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
+            checkpoint=str(self.run_dir.checkpoint(spec.index)),
+        )
+        with writer:
+            self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
+                                   progress_value=min(progress_value, 1.0))
+
+    def _online_summary(self, index: int) -> dict[str, Any]:
+        """Labels per class in the stored round (pixels or boxes), for metrics.jsonl and the plots."""
+        from .inspect import count_labels
+
+        with open_round(self.run_dir.pseudo(index)) as reader:
+            counts = [int(c) for c in count_labels(reader)]
+        threshold = float(getattr(self.policy, "threshold", float("nan")))
+        return {"selected_pixels": counts, "thresholds": [threshold] * len(counts), "precision": None,
+                "selected_share": None}
 
     def _source_stream(self, spec: RoundSpec, gen: torch.Generator):
         if self.plan.batch_source == 0 or spec.source_share <= 0:
@@ -202,7 +276,8 @@ class Engine:
         n = len(self.data.source)
         count = min(n, max(self.plan.batch_source, round(spec.source_share * n)))
         subset = Subset(self.data.source, torch.randperm(n, generator=gen)[:count].tolist())
-        return batches(self._augmented(subset), self.plan.batch_source, gen, self.data.num_workers)
+        return batches(self._augmented(subset), self.plan.batch_source, gen, self.data.num_workers,
+                       collate_fn=self.task.collate)
 
     def _mine(self, predicted_pixels: list[int]) -> list[int]:
         if not self.plan.mining.enabled:
@@ -212,22 +287,20 @@ class Engine:
         return rare_classes(torch.tensor(predicted_pixels), self.plan.mining.rare_share).tolist()
 
     def _augmented(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
-        return Augment(dataset, flip=self.data.flip, crop=self.data.crop, scale=self.data.scale, mine_classes=mine_classes,
-                       mine_probability=self.plan.mining.probability, ignore_index=self.data.ignore_index)
+        return self.task.augment(dataset, mine_classes)
 
     # -- evaluation, checkpoints, resume ---------------------------------------------------------
 
     def _finish_round(self, index: int, record: dict[str, Any]) -> None:
         record = {"round": index, **record}
         if self.data.target_val is not None and self._evaluates(index):
-            record["eval"] = evaluate(self.adapter, self.data.target_val, num_classes=self.data.num_classes,
-                                      ignore_index=self.data.ignore_index, batch_size=self.data.eval_batch,
-                                      device=torch.device(self.device), desc=f"round {index}: evaluate",
-                                      tta=self.data.eval_tta)
+            record["eval"] = self.task.evaluate(self.adapter, self.data.target_val, device=self.device,
+                                                desc=f"round {index}: evaluate")
         self._emit("on_round_end", record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
-                        policy=self._policy_state(), metrics=record.get("eval"))
+                        policy=self._policy_state(), metrics=record.get("eval"),
+                        teacher=self.teacher.state_dict() if self.teacher is not None else None)
         link_atomic(path, self.run_dir.last)
 
     def _evaluates(self, index: int) -> bool:
@@ -243,6 +316,8 @@ class Engine:
         self.adapter.load_state_dict(state["model"])
         if self.policy is not None and state.get("policy"):
             self.policy.load_state_dict(state["policy"])
+        if self.teacher is not None and state.get("teacher"):
+            self.teacher.load_state_dict(state["teacher"])
         set_rng_state(state["rng"])
 
     def _seed(self, round_index: int) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import RunDir
 from .errors import StoreError, UserError
-from .metrics import bincount_skipping
+from .metrics import bincount_skipping, headline
 from .progress import progress
 from .store import RoundReader, open_round
 
@@ -169,11 +169,10 @@ def _metrics_only_row(record: dict[str, Any]) -> RoundStats:
 
 def _score(record: dict[str, Any]) -> tuple[str | None, float | None]:
     evaluation = record.get("eval") or {}
-    if "miou" in evaluation:
-        return "mIoU", float(evaluation["miou"])
-    if "map" in evaluation:
-        return "mAP", float(evaluation["map"])
-    return None, None
+    if not evaluation:
+        return None, None
+    metric, value, _ = headline(evaluation)
+    return metric, value
 
 
 def _float(value: Any) -> float | None:

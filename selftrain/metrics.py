@@ -186,3 +186,10 @@ def voc_ap(
     per_class = np.array([_class_ap(dets, gts, k, iou, use_07) for k in range(1, num_classes + 1)])
     finite = np.isfinite(per_class)
     return (float(per_class[finite].mean()) if finite.any() else float("nan")), per_class
+
+
+def headline(evaluation: dict) -> tuple[str, float, list]:
+    """The score of an evaluation record: ("mIoU", miou, iou) for segmentation, ("mAP", map, ap) for detection."""
+    if "miou" in evaluation:
+        return "mIoU", float(evaluation["miou"]), list(evaluation.get("iou", []))
+    return "mAP", float(evaluation["map"]), list(evaluation.get("ap", []))

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import atomic_path
+from .metrics import headline
 from .overlay import palette_for
 
 
@@ -34,10 +35,7 @@ def plot_run(records: Sequence[dict[str, Any]], class_names: Sequence[str], out_
 
 
 def _metric(record: dict[str, Any]) -> tuple[str, float, list[float | None]]:
-    evaluation = record["eval"]
-    if "miou" in evaluation:
-        return "mIoU", evaluation["miou"], evaluation.get("iou", [])
-    return "mAP", evaluation["map"], evaluation.get("ap", [])
+    return headline(record["eval"])
 
 
 def _figure(width: float, height: float):
@@ -106,7 +104,8 @@ def _threshold_figure(records, class_names, palette):
     thresholds = np.array([r["pseudo"]["thresholds"] for r in records], dtype=float)
     for c, name in enumerate(class_names):
         ax.plot(rounds, thresholds[:, c], marker="o", color=palette[c], label=name)
-    ax.set_yscale("log")
+    if np.nanmin(thresholds) > 0:
+        ax.set_yscale("log")
     ax.set_xticks(rounds)
     ax.set_xlabel("round")
     ax.set_ylabel("threshold (probability)")

@@ -53,11 +53,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0) -> Iterator[dict]:
+def batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
+            collate_fn: Callable[[list], dict] | None = None) -> Iterator[dict]:
     """An endless stream of shuffled batches (a new permutation every pass)."""
     sampler = RandomSampler(dataset, generator=generator)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=len(dataset) >= batch_size, collate_fn=collate)
+                        drop_last=len(dataset) >= batch_size, collate_fn=collate_fn or collate)
     while True:
         yield from loader
 
@@ -80,8 +81,10 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
 def train_steps(
     *, step_fn: Callable[[], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int, desc: str,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Run ``steps`` optimiser steps; ``step_fn`` returns named losses. Returns their running means."""
+    """Run ``steps`` optimiser steps; ``step_fn`` returns named losses; ``after_step(i)`` runs after each
+    optimiser step (the mean teacher's EMA update). Returns the losses' running means."""
     sums: dict[str, float] = {}
     for step in progress(range(steps), desc=desc, unit="step"):
         losses = step_fn()
@@ -91,6 +94,8 @@ def train_steps(
         total.backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(step)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
     return {k: v / max(steps, 1) for k, v in sums.items()}

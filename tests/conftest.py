@@ -30,3 +30,25 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(defaults=REPO / "recipes" / "defaults.yaml"))
     return path
+
+
+DET_TINY = """\
+extends: {defaults}
+name: det_tiny
+data:
+  source: {{options: {{num_images: 12}}}}
+  target: {{options: {{num_images: 10}}}}
+  target_val: {{options: {{num_images: 6}}}}
+model: {{name: tiny_ssd, options: {{width: 16}}}}
+source_training: {{steps: 6, batch_size: 4}}
+rounds: {{count: 2, steps: 3, batch_source: 2, batch_target: 2}}
+eval: {{batch_size: 6}}
+pseudo_batch_size: 5
+"""
+
+
+@pytest.fixture
+def det_tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "det_tiny.yaml"
+    path.write_text(DET_TINY.format(defaults=REPO / "recipes" / "det_defaults.yaml"))
+    return path

@@ -195,3 +195,4 @@ def build_dataset(name: str, *, root: str | None, split: str, options: dict[str,
         valid = sorted(set(params) - {"root", "split", "ignore_index"})
         raise DataError(f"data set {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
     return cls(**kwargs)
+from . import segsets  # noqa: E402,F401  (registers the real data sets)

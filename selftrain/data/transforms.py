@@ -105,3 +105,44 @@ def _pad_to(image: torch.Tensor, label: torch.Tensor, ch: int, cw: int, ignore_i
     image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0.0)
     label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=ignore_index)
     return image, label
+
+
+class BoxFlip(Dataset):
+    """Horizontal flip with probability 0.5 for detection samples (image [3, H, W], boxes xyxy)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        if torch.rand(()) < 0.5:
+            width = sample["image"].shape[-1]
+            sample["image"] = sample["image"].flip(-1).contiguous()
+            boxes = sample["boxes"].clone()
+            boxes[:, [0, 2]] = width - sample["boxes"][:, [2, 0]]
+            sample["boxes"] = boxes
+        return sample
+
+
+def photometric(images: torch.Tensor, *, normalised: bool) -> torch.Tensor:
+    """A strong photometric view for mean-teacher students; geometry (labels, boxes) is unchanged.
+
+    Per image: contrast x0.6-1.4, brightness +-0.2, colour gain x0.8-1.2 per channel, Gaussian noise
+    0.03 (in [0, 1] units; ImageNet-normalised inputs are scaled by their std 0.226).
+    Shape: [3, H, W] or [B, 3, H, W] -> same.
+    """
+    unit = 1 / 0.226 if normalised else 1.0
+    x = images if images.dim() == 4 else images[None]
+    b = x.shape[0]
+    shape = (b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = torch.empty(shape, device=x.device).uniform_(0.6, 1.4)
+    brightness = torch.empty(shape, device=x.device).uniform_(-0.2, 0.2) * unit
+    gain = torch.empty((b, 3, 1, 1), device=x.device).uniform_(0.8, 1.2)
+    out = ((x - mean) * contrast + mean) * gain + brightness + 0.03 * unit * torch.randn_like(x)
+    if not normalised:
+        out = out.clamp(0.0, 1.0)
+    return out if images.dim() == 4 else out[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry import Registry
+from .online import MeanTeacher, WeakSelfTraining
 from .threshold import ThresholdPolicy
 
 POLICIES: Registry[Any] = Registry("policy")
@@ -34,9 +35,28 @@ def cbst_sp(*, prior: Any, **kwargs: Any) -> ThresholdPolicy:
     return ThresholdPolicy(name="cbst_sp", class_balanced=True, prior=prior, **kwargs)
 
 
+@POLICIES.register("det_st")
+def det_st(**kwargs: Any) -> WeakSelfTraining:
+    """Naive detection self-training: detections with score >= 0.9 are ground truth, hard negatives,
+    no box loss (Kim et al. 2019, Table 4 row A: the failing baseline)."""
+    return WeakSelfTraining(name="det_st", **{"srrs": False, "negatives": "hard", **kwargs})
+
+
+@POLICIES.register("wst")
+def wst(**kwargs: Any) -> WeakSelfTraining:
+    """Weak self-training: SRRS >= 0.8 selects pseudo-boxes, weak negative mining (Kim et al. 2019, row F)."""
+    return WeakSelfTraining(name="wst", **kwargs)
+
+
+@POLICIES.register("mean_teacher")
+def mean_teacher(**kwargs: Any) -> MeanTeacher:
+    """Mean teacher: an EMA teacher labels weak views, the student learns from strong views."""
+    return MeanTeacher(**kwargs)
+
+
 def create_policy(name: str, **kwargs: Any) -> Any:
     """Build a registered policy by name; an unknown name lists the registered ones."""
     return POLICIES.get(name)(**kwargs)
 
 
-__all__ = ["POLICIES", "ThresholdPolicy", "create_policy"]
+__all__ = ["POLICIES", "MeanTeacher", "ThresholdPolicy", "WeakSelfTraining", "create_policy"]

@@ -15,7 +15,14 @@ def make(name: str):
     return create_policy(name, prior=prior) if name.endswith("_sp") else create_policy(name)
 
 
-@pytest.mark.parametrize("name", POLICIES.names())
+OFFLINE = [name for name in POLICIES.names() if getattr(make(name), "offline", True)]
+
+
+def test_offline_policies_are_the_cbst_family():
+    assert OFFLINE == ["cbst", "cbst_sp", "st", "st_sp"]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
 @pytest.mark.parametrize("as_logits", [False, True])
 def test_policy_contract(name, as_logits):
     logits = torch.randn(3, 4, 8, 8) * 3

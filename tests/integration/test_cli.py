@@ -194,7 +194,7 @@ def test_diverging_run_stops_with_the_loss_components(tiny_recipe, tmp_path):
 
 def test_list_and_evaluate(tiny_recipe, tmp_path):
     code, output = run_cli("list", "policies")
-    assert code == 0 and output.split() == ["cbst", "cbst_sp", "st", "st_sp"]
+    assert code == 0 and output.split() == ["cbst", "cbst_sp", "det_st", "mean_teacher", "st", "st_sp", "wst"]
     out = tmp_path / "run"
     assert run_cli("run", str(tiny_recipe), "--out", str(out), "--set", "rounds.count=0")[0] == 0
     code, output = run_cli("evaluate", str(tiny_recipe), "--checkpoint", str(out / "checkpoints" / "last.pt"))

@@ -79,3 +79,15 @@ def test_recipe_keys_reach_the_run_data(tiny_recipe):
     assert data.pseudo_tta == TestTimeAugment(scales=(1.0,), flip=True)
     with pytest.raises(ConfigError, match="eval.scales"):
         load_recipe(tiny_recipe, ["eval.scales=[0]"])
+
+
+def test_synthia_label_space_reports_miou13():
+    from selftrain.data.segsets import SYNTHIA_16_NAMES
+    from selftrain.tasks import synthia_miou13
+
+    iou = [float(i) for i in range(16)]
+    iou[0] = None
+    out = synthia_miou13({"iou": iou}, [n.replace(" ", "_") for n in SYNTHIA_16_NAMES])
+    expected = [v for i, v in enumerate(iou) if SYNTHIA_16_NAMES[i] not in ("wall", "fence", "pole") and v is not None]
+    assert out == {"miou13": pytest.approx(sum(expected) / len(expected))}
+    assert synthia_miou13({"iou": iou}, [f"c{i}" for i in range(16)]) == {}

@@ -1,0 +1,495 @@
+"""Detection adapters: torchvision SSD and Faster R-CNN, plus a tiny SSD for tests and the CPU demo.
+
+Contract (``task = "detection"``). Builders take ``num_classes = K``, the number of object classes
+*without* background, and build the network with K + 1 outputs (class 0 = background); labels are
+1..K everywhere. Weights come only from local files (``backbone_weights``); nothing is downloaded.
+
+- ``predict(images)``: eval mode, no grad; ``images`` a list of [3, H, W] tensors in [0, 1] or a
+  [B, 3, H, W] tensor. One :class:`DetPrediction` per image: the post-NMS detections and the
+  pre-NMS candidates that SRRS needs (``raw_boxes`` [N, 4], ``raw_probs`` [N, K + 1]), all in the
+  input image's pixels. Candidates are those whose highest foreground probability is at least
+  ``raw_score_thresh`` (0.01), at most ``raw_candidates`` (1000) of them, highest first.
+  SSD: one candidate per anchor (decoded box, clipped). Faster R-CNN: one per RoI-head proposal,
+  with the class-specific box of its argmax foreground class. That is the box the detection of
+  that class comes from, so every final detection is supported by the candidate that produced it
+  (IoU 1), as with SSD, where a detection is a decoded anchor box; the class-agnostic proposal box
+  would be an unrefined, worse-localised stand-in.
+- ``forward_train(images, targets, *, negatives="hard", box_loss=True)``: train mode. ``targets``:
+  one {"boxes": float [M, 4], "labels": int64 [M]} per image, M may be 0; ``None`` gives no task
+  losses (logits and feature taps only, for alignment terms). Losses are named and unweighted:
+  SSD {"cls", "box"}, Faster R-CNN {"rpn_cls", "rpn_box", "roi_cls", "roi_box"}; with
+  ``box_loss=False`` (WST pseudo-labels carry no box regression) the box losses are exactly 0
+  with a graph. ``logits``: SSD [B, A, K + 1] per anchor; Faster R-CNN [R, K + 1] per sampled RoI
+  (per proposal without targets). Feature taps: SSD ``conv4_3`` (VGG conv4_3 after its ReLU,
+  before the L2 norm; the stride-8 map of tiny_ssd), Faster R-CNN ``backbone.0..N`` (FPN levels in
+  order) and ``roi`` (box-head features [R, D]).
+
+Negatives (WST, Kim et al. ICCV 2019, arXiv:1909.00597, Sec. 3.2 and Table 4):
+- SSD, computed here from torchvision's pieces (``SSD.compute_loss`` hard-codes hard mining):
+  "hard" = 3:1 hard negative mining (equal to torchvision's loss), "weak" = of those negatives the
+  third with the lowest confidence loss (``selftrain.detection.weak_negative_mask``), "none" = only
+  positives. Both losses are divided by the number of positives in every mode.
+- Faster R-CNN samples instead of mining: the RPN draws 256 anchors per image (up to half
+  positive), the RoI head 512 proposals (up to 25 % positive), negatives at random. "hard" keeps
+  torchvision's losses exactly. "weak": of the negatives each sampler drew in an image, only the
+  floor(n / 3) with the lowest loss (objectness BCE for the RPN, cross-entropy for the RoI head)
+  enter the classification loss; the high-loss ones are the likeliest missed objects. "none":
+  positives only. Denominators stay torchvision's (all sampled examples), so a mode only removes
+  terms and "weak" <= "hard" on the same sample.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image
+
+from selftrain.detection import NEGATIVE_MODES, negative_mask
+from selftrain.types import DetPrediction, StepOutputs
+
+from . import ADAPTERS
+from .segmentation import load_weights
+
+Targets = list[dict[str, Tensor]]
+
+
+class DetectionAdapter:
+    """What SSD and Faster R-CNN adapters share: input/target checks, raw candidates, state."""
+
+    task = "detection"
+
+    def __init__(self, *, model: nn.Module, num_classes: int, raw_score_thresh: float = 0.01,
+                 raw_candidates: int = 1000) -> None:
+        self.model = model
+        self.num_classes = num_classes
+        self.raw_score_thresh = raw_score_thresh
+        self.raw_candidates = raw_candidates
+
+    def to(self, device: str | torch.device) -> DetectionAdapter:
+        self.model.to(device)
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def _targets(self, targets: Targets, images: list[Tensor]) -> Targets:
+        """Copies of ``targets`` as float32 [M, 4] / int64 [M] on the images' device, checked."""
+        if len(targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        out = []
+        for i, t in enumerate(targets):
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32, device=images[i].device).reshape(-1, 4)
+            labels = torch.as_tensor(t["labels"], dtype=torch.int64, device=images[i].device).reshape(-1)
+            if len(labels) != len(boxes):
+                raise ValueError(f"target {i}: {len(boxes)} boxes but {len(labels)} labels")
+            if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
+                raise ValueError(f"target {i}: labels must be in 1..{self.num_classes} (0 is background), "
+                                 f"got {labels.unique().tolist()}")
+            bad = (boxes[:, 2:] <= boxes[:, :2]).any(1)
+            if bad.any():
+                raise ValueError(f"target {i}: box {boxes[bad][0].tolist()} has no area (xyxy, x2 > x1, y2 > y1)")
+            out.append({"boxes": boxes, "labels": labels})
+        return out
+
+    def _raw(self, boxes: Tensor, probs: Tensor, size: tuple[int, int], original: tuple[int, int]
+             ) -> tuple[Tensor, Tensor]:
+        """The pre-NMS candidates kept for SRRS, highest foreground probability first, in input pixels.
+
+        Shape: boxes [A, 4] clipped in the network's frame, probs [A, K + 1] -> [N, 4], [N, K + 1].
+        """
+        fg = probs[:, 1:].max(1).values
+        keep = torch.where(fg >= self.raw_score_thresh)[0]
+        keep = keep[fg[keep].argsort(descending=True)][: self.raw_candidates]
+        return resize_boxes(boxes[keep], size, original), probs[keep]
+
+
+def image_list(images: Tensor | list[Tensor]) -> list[Tensor]:
+    """A [B, 3, H, W] tensor, one [3, H, W] tensor or a list of them -> list of [3, H, W]."""
+    if isinstance(images, Tensor):
+        return list(images.unbind(0)) if images.dim() == 4 else [images]
+    return list(images)
+
+
+@contextmanager
+def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Record the outputs of named submodules during the forward passes inside the block."""
+    seen: dict[str, Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+               for name, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_mode(negatives: str) -> None:
+    if negatives not in NEGATIVE_MODES:
+        raise ValueError(f"unknown negatives {negatives!r}; valid: {', '.join(NEGATIVE_MODES)}")
+
+
+# --------------------------------------------------------------------------- SSD
+
+
+class SSDAdapter(DetectionAdapter):
+    """A torchvision :class:`SSD` (VGG-16 SSD300 or tiny_ssd) whose loss is computed here."""
+
+    @torch.no_grad()
+    def predict(self, images: Tensor | list[Tensor]) -> list[DetPrediction]:
+        self.model.eval()
+        images = image_list(images)
+        if not images:
+            return []
+        originals = [tuple(im.shape[-2:]) for im in images]
+        batch, _, head, anchors = self._forward(images, None)
+        m = self.model
+        dets = m.postprocess_detections(head, anchors, batch.image_sizes)
+        dets = m.transform.postprocess(dets, batch.image_sizes, originals)
+        probs = head["cls_logits"].float().softmax(-1)
+        out = []
+        for i, det in enumerate(dets):
+            boxes = clip_boxes_to_image(m.box_coder.decode_single(head["bbox_regression"][i], anchors[i]),
+                                        batch.image_sizes[i])
+            raw_boxes, raw_probs = self._raw(boxes, probs[i], batch.image_sizes[i], originals[i])
+            out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
+                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
+        return out
+
+    def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
+                      negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
+        check_mode(negatives)
+        self.model.train()
+        images = image_list(images)
+        targets = None if targets is None else self._targets(targets, images)
+        with capture({"conv4_3": self.model.backbone.features}) as taps:
+            _, resized, head, anchors = self._forward(images, targets)
+        losses = {}
+        if resized is not None:
+            matched = [self._match(a, t) for a, t in zip(anchors, resized)]
+            losses = ssd_losses(head, anchors, matched, resized, self.model.box_coder,
+                                negatives=negatives, box_loss=box_loss)
+        return StepOutputs(losses=losses, logits=head["cls_logits"], features=dict(taps))
+
+    def _forward(self, images: list[Tensor], targets: Targets | None):
+        """Transform, backbone, head and anchors: torchvision's ``SSD.forward`` up to the loss."""
+        m = self.model
+        batch, targets = m.transform(images, targets)
+        features = list(m.backbone(batch.tensors).values())
+        head = m.head(features)
+        return batch, targets, head, m.anchor_generator(batch, features)
+
+    def _match(self, anchors: Tensor, target: dict[str, Tensor]) -> Tensor:
+        """Matched ground-truth index per anchor, -1 for background (torchvision's SSDMatcher)."""
+        if target["boxes"].numel() == 0:
+            return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+        return self.model.proposal_matcher(box_iou(target["boxes"], anchors))
+
+
+def ssd_losses(head: dict[str, Tensor], anchors: list[Tensor], matched: list[Tensor], targets: Targets,
+               box_coder: Any, *, negatives: str = "hard", box_loss: bool = True,
+               neg_pos_ratio: int = 3) -> dict[str, Tensor]:
+    """SSD MultiBox loss (Liu et al. 2016) with a choice of negatives (Kim et al. 2019, Eqs. 1-2).
+
+    With ``negatives="hard"`` this is torchvision's ``SSD.compute_loss``: cross-entropy over the
+    positives and the mined negatives plus smooth-L1 on the positives' encoded boxes, both divided
+    by the number of positives in the batch (at least 1).
+
+    Shape:
+        head: {"cls_logits": [B, A, K + 1], "bbox_regression": [B, A, 4]}; anchors, matched: B x [A]
+        (matched ground-truth index or negative); targets: B x {"boxes": [M, 4], "labels": [M]}.
+    """
+    cls_logits, regression = head["cls_logits"], head["bbox_regression"]
+    cls_targets, box_terms = [], []
+    for reg, anc, idx, target in zip(regression, anchors, matched, targets):
+        fg = torch.where(idx >= 0)[0]
+        encoded = box_coder.encode_single(target["boxes"][idx[fg]], anc[fg])
+        box_terms.append(F.smooth_l1_loss(reg[fg], encoded, reduction="sum"))
+        labels = torch.zeros(anc.shape[0], dtype=torch.int64, device=anc.device)
+        labels[fg] = target["labels"][idx[fg]]
+        cls_targets.append(labels)
+    labels = torch.stack(cls_targets)
+    conf = F.cross_entropy(cls_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    positive = labels > 0
+    negative = negative_mask(negatives, conf.detach(), positive, neg_pos_ratio)
+    num_pos = max(1, int(positive.sum()))
+    box = torch.stack(box_terms).sum() if box_loss else regression.sum() * 0.0
+    return {"cls": (conf[positive].sum() + conf[negative].sum()) / num_pos, "box": box / num_pos}
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinySSDBackbone(nn.Module):
+    """Five conv-BN-ReLU stages to stride 8 (``features``), then three stride-2 stages.
+
+    Feature maps at strides 8, 16, 32, 64: 16, 8, 4 and 2 cells at 128 px. Output: an ordered
+    dict of the four maps, ``width`` channels each.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        half = width // 2
+        self.features = nn.Sequential(_conv(3, half // 2, 2), _conv(half // 2, half, 2), _conv(half, half, 1),
+                                      _conv(half, width, 2), _conv(width, width, 1))
+        self.extra = nn.ModuleList([_conv(width, width, 2) for _ in range(3)])
+        self.out_channels = [width] * 4
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        x = self.features(x)
+        maps = [x]
+        for block in self.extra:
+            x = block(x)
+            maps.append(x)
+        return OrderedDict((str(i), v) for i, v in enumerate(maps))
+
+
+@ADAPTERS.register("tiny_ssd")
+def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, score_thresh: float = 0.01,
+             nms_thresh: float = 0.45, detections_per_img: int = 100, raw_score_thresh: float = 0.01,
+             raw_candidates: int = 1000) -> SSDAdapter:
+    """A small single-shot detector (torchvision SSD, tiny conv backbone) for tests and the CPU demo.
+
+    Default boxes span 8 % to 85 % of the image over the four maps (10 to 109 px at 128 px);
+    ``size`` must be a multiple of 64. ``num_classes`` = K object classes, background added.
+    """
+    if size % 64:
+        raise ValueError(f"tiny_ssd size must be a multiple of 64 (stride of its last map), got {size}")
+    anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2]], scales=[0.08, 0.2, 0.38, 0.6, 0.85])
+    model = SSD(TinySSDBackbone(width), anchors, (size, size), num_classes + 1, score_thresh=score_thresh,
+                nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+    return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
+                      raw_candidates=raw_candidates)
+
+
+def vgg16_features() -> nn.Module:
+    """torchvision's VGG-16 without its classifier (102 M parameters SSD discards), same init.
+
+    A module with ``features`` only, so torchvision VGG-16 state dicts load by their own keys.
+    """
+    from torchvision.models.vgg import cfgs, make_layers
+
+    vgg = nn.Module()
+    vgg.features = make_layers(cfgs["D"])
+    for conv in vgg.features.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+    return vgg
+
+
+# Pixel normalisation of the VGG backbone: "caffe" fits torchvision's SSD backbone weights
+# (VGG16_Weights.IMAGENET1K_FEATURES, inputs in 0..255 minus the mean); "imagenet" fits the usual
+# classification checkpoints (vgg16-397923af.pth) that expect ImageNet mean/std on [0, 1] inputs.
+_VGG_NORMS = {"caffe": ([0.48235, 0.45882, 0.40784], [1.0 / 255.0] * 3),
+              "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+@ADAPTERS.register("ssd300_vgg16")
+def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel_norm: str = "caffe",
+                 trainable_backbone_layers: int | None = None, score_thresh: float = 0.01,
+                 nms_thresh: float = 0.45, detections_per_img: int = 200, raw_score_thresh: float = 0.01,
+                 raw_candidates: int = 1000) -> SSDAdapter:
+    """SSD300 with a VGG-16 backbone (Liu et al. 2016), the detector of WST/BSR, as torchvision builds it.
+
+    Inputs are resized to 300 x 300 (the VGG extra layers need at least 268 px; the default boxes are
+    SSD300's). ``backbone_weights``: a local torchvision VGG-16 state dict (``features.*`` keys;
+    ``classifier.*`` is ignored); with it only the last ``trainable_backbone_layers`` (default 4 of
+    5: conv1 frozen) VGG stages train, as in torchvision. ``pixel_norm`` must fit those weights.
+    ``num_classes`` = K object classes, background added.
+    """
+    from torchvision.models.detection.ssd import _vgg_extractor
+
+    if pixel_norm not in _VGG_NORMS:
+        raise ValueError(f"unknown pixel_norm {pixel_norm!r}; valid: {', '.join(_VGG_NORMS)}")
+    vgg = vgg16_features()
+    if backbone_weights:
+        load_weights(vgg, backbone_weights, "VGG-16 backbone")
+    trainable = trainable_backbone_layers if trainable_backbone_layers is not None else (4 if backbone_weights else 5)
+    anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                                  scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+    mean, std = _VGG_NORMS[pixel_norm]
+    model = SSD(_vgg_extractor(vgg, False, trainable), anchors, (300, 300), num_classes + 1, image_mean=mean,
+                image_std=std, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                detections_per_img=detections_per_img)
+    return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
+                      raw_candidates=raw_candidates)
+
+
+# --------------------------------------------------------------------------- Faster R-CNN
+
+
+class FasterRCNNAdapter(DetectionAdapter):
+    """A torchvision :class:`FasterRCNN` run step by step so that background sampling can be weakened."""
+
+    @torch.no_grad()
+    def predict(self, images: Tensor | list[Tensor]) -> list[DetPrediction]:
+        self.model.eval()
+        images = image_list(images)
+        if not images:
+            return []
+        m, rh = self.model, self.model.roi_heads
+        originals = [tuple(im.shape[-2:]) for im in images]
+        batch, _ = m.transform(images)
+        features = m.backbone(batch.tensors)
+        proposals, _ = m.rpn(batch, features)
+        logits, regression = rh.box_predictor(rh.box_head(rh.box_roi_pool(features, proposals, batch.image_sizes)))
+        boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, batch.image_sizes)
+        dets = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, labels)]
+        dets = m.transform.postprocess(dets, batch.image_sizes, originals)
+        per_image = [len(p) for p in proposals]
+        class_boxes = rh.box_coder.decode(regression, proposals).split(per_image)
+        probs = logits.float().softmax(-1).split(per_image)
+        out = []
+        for i, det in enumerate(dets):
+            best = probs[i][:, 1:].argmax(1) + 1  # one box per proposal: its argmax foreground class's
+            cand = clip_boxes_to_image(class_boxes[i][torch.arange(len(best), device=best.device), best],
+                                       batch.image_sizes[i])
+            raw_boxes, raw_probs = self._raw(cand, probs[i], batch.image_sizes[i], originals[i])
+            out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
+                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
+        return out
+
+    def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
+                      negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
+        check_mode(negatives)
+        self.model.train()
+        images = image_list(images)
+        targets = None if targets is None else self._targets(targets, images)
+        m, rh = self.model, self.model.roi_heads
+        batch, targets = m.transform(images, targets)
+        features = m.backbone(batch.tensors)
+        proposals, losses = self._rpn(batch, features, targets, negatives, box_loss)
+        if targets is not None:
+            proposals, _, labels, regression_targets = rh.select_training_samples(proposals, targets)
+        roi = rh.box_head(rh.box_roi_pool(features, proposals, batch.image_sizes))
+        logits, regression = rh.box_predictor(roi)
+        if targets is not None:
+            _, box = fastrcnn_loss(logits, regression, labels, regression_targets)
+            ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
+            losses["roi_cls"] = sampled_loss(ce, labels, negatives)
+            losses["roi_box"] = box if box_loss else regression.sum() * 0.0
+        taps = {f"backbone.{i}": f for i, f in enumerate(features.values())}
+        return StepOutputs(losses=losses, logits=logits, features={**taps, "roi": roi})
+
+    def _rpn(self, batch, features: dict[str, Tensor], targets: Targets | None, negatives: str,
+             box_loss: bool) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """torchvision's ``RegionProposalNetwork.forward`` with the objectness loss of ``negatives``."""
+        rpn = self.model.rpn
+        maps = list(features.values())
+        objectness, deltas = rpn.head(maps)
+        anchors = rpn.anchor_generator(batch, maps)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        decoded = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        proposals, _ = rpn.filter_proposals(decoded, objectness, batch.image_sizes, per_level)
+        if targets is None:
+            return proposals, {}
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        regression_targets = torch.cat(rpn.box_coder.encode(matched, anchors))
+        pos, neg = rpn.fg_bg_sampler(labels)
+        # -1 marks anchors outside the sample, so only sampled anchors reach sampled_loss.
+        sampled = [torch.where(p.bool(), 1, torch.where(n.bool(), 0, -1)) for p, n in zip(pos, neg)]
+        bce = F.binary_cross_entropy_with_logits(objectness.flatten(), torch.cat(labels), reduction="none")
+        positive = torch.cat(sampled) > 0
+        count = int((torch.cat(sampled) >= 0).sum())
+        box = F.smooth_l1_loss(deltas[positive], regression_targets[positive], beta=1 / 9, reduction="sum")
+        return proposals, {"rpn_cls": sampled_loss(bce, sampled, negatives),
+                           "rpn_box": box / count if box_loss else deltas.sum() * 0.0}
+
+
+def sampled_loss(loss: Tensor, labels: list[Tensor], negatives: str) -> Tensor:
+    """Classification loss over a sampled set with weakened negatives (see the module docstring).
+
+    Per image, labels > 0 are sampled positives, 0 sampled negatives, < 0 not sampled. "hard"
+    keeps every sampled negative, "weak" the floor(n / 3) with the lowest loss, "none" none. The
+    sum is divided by the number of sampled examples in every mode (torchvision's mean for "hard").
+    This is not ``weak_negative_mask``: the sampler has already chosen the pool, so no 3:1 mining.
+
+    Shape: loss [sum of L_i] per-example losses; labels: one [L_i] per image -> scalar.
+    """
+    kept = []
+    for part, lab in zip(loss.detach().split([len(x) for x in labels]), labels):
+        negative = lab == 0
+        if negatives == "weak":
+            idx = torch.where(negative)[0]
+            easiest = idx[part[idx].argsort(stable=True)[: len(idx) // 3]]
+            negative = torch.zeros_like(negative).index_fill_(0, easiest, True)
+        elif negatives == "none":
+            negative = torch.zeros_like(negative)
+        kept.append((lab > 0) | negative)
+    labels = torch.cat(labels)
+    return loss[torch.cat(kept)].sum() / max(1, int((labels >= 0).sum()))
+
+
+def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
+                 trainable_backbone_layers: int | None, raw_score_thresh: float, raw_candidates: int,
+                 **options: Any) -> FasterRCNNAdapter:
+    """torchvision's Faster R-CNN builders, but with backbone weights from a local file.
+
+    As in torchvision, a pretrained backbone gets frozen batch norm and trains only its last
+    ``trainable_backbone_layers`` stages (default 3); a random one uses batch norm and trains all.
+    """
+    from torchvision.models import mobilenet_v3_large, resnet50
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d if backbone_weights else nn.BatchNorm2d
+    most = 5 if body == "resnet50" else 6
+    trainable = trainable_backbone_layers
+    if trainable is None:
+        trainable = 3 if backbone_weights else most
+    if not 0 <= trainable <= most:
+        raise ValueError(f"trainable_backbone_layers must be in 0..{most} for {body}, got {trainable}")
+    if body == "resnet50":
+        net = resnet50(weights=None, norm_layer=norm)
+    else:
+        net = mobilenet_v3_large(weights=None, dilated=True, norm_layer=norm)
+    if backbone_weights:
+        load_weights(net, backbone_weights, f"{body} backbone")
+    if body == "resnet50":
+        model = FasterRCNN(_resnet_fpn_extractor(net, trainable), num_classes + 1, **options)
+    else:
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        model = FasterRCNN(_mobilenet_extractor(net, True, trainable), num_classes + 1,
+                           rpn_anchor_generator=anchors, rpn_score_thresh=0.05, **options)
+    return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
+                             raw_candidates=raw_candidates)
+
+
+def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) -> None:
+    def build(*, num_classes: int, backbone_weights: str | None = None, min_size: int = min_size,
+              max_size: int = max_size, trainable_backbone_layers: int | None = None,
+              score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+              raw_score_thresh: float = 0.01, raw_candidates: int = 1000) -> FasterRCNNAdapter:
+        return _faster_rcnn(body, num_classes=num_classes, backbone_weights=backbone_weights,
+                            trainable_backbone_layers=trainable_backbone_layers, min_size=min_size,
+                            max_size=max_size, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
+                            box_detections_per_img=detections_per_img, raw_score_thresh=raw_score_thresh,
+                            raw_candidates=raw_candidates)
+
+    build.__doc__ = (f"Faster R-CNN with a {body} FPN backbone (torchvision); ``num_classes`` = K object "
+                     "classes, background added; ``backbone_weights`` a local ImageNet state dict.")
+    ADAPTERS.register(name)(build)
+
+
+_register_faster_rcnn("fasterrcnn_resnet50_fpn", "resnet50", 800, 1333)
+_register_faster_rcnn("fasterrcnn_mobilenet", "mobilenet_v3_large", 800, 1333)

@@ -1,0 +1,127 @@
+"""Online policies: pseudo-labels made for every target batch while the model trains.
+
+- ``det_st`` and ``wst``: weak self-training for one-stage detectors and its ablation (Kim et al.,
+  ICCV 2019, arXiv:1909.00597). The student labels its own batch; a final detection becomes a
+  pseudo-box when its score (ST) or its SRRS (Eq. 3) reaches the threshold; the background term
+  uses hard, weak (Eq. 2) or no negatives; pseudo-boxes carry no box-regression loss.
+- ``mean_teacher``: an EMA teacher (Tarvainen & Valpola 2017) labels a weak view, the student learns
+  from a strong view; detections above a confidence threshold, or for segmentation every pixel's
+  argmax weighted by the share of pixels above the threshold (DACS/DAFormer, arXiv:2111.14887).
+
+Each class holds settings only; the maths is in :mod:`selftrain.detection`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..detection import ABLATION_ROWS, NEGATIVE_MODES, epsilon_schedule, srrs
+from ..types import DetPrediction, SegPseudoLabels
+
+
+class _Online:
+    """Shared bookkeeping: online policies are stateless between rounds."""
+
+    offline = False
+    teacher = "student"
+    strong_augment = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state of policy {state.get('name')!r} cannot load into {self.name!r}")
+
+    def teacher_options(self) -> dict[str, Any]:
+        return {}
+
+
+class WeakSelfTraining(_Online):
+    """WST (``srrs=True, negatives="weak"``) and every row of its Table 4 ablation.
+
+    Args:
+        srrs: keep a detection when its SRRS >= threshold (Algorithm 1) instead of its score.
+        negatives: "hard" (Eq. 1), "weak" (Eq. 2) or "none" (the "Mask" column).
+        threshold: epsilon; the paper uses 0.8 with SRRS and 0.9 without (Sec. 5.1).
+        delta: IoU that makes a raw candidate a supporting region (0.5).
+        schedule: epsilon = 1 / (1 + exp(-3 p)) with p the round's progress (Sec. 4.2) instead of a constant.
+        box_loss: regress pseudo-boxes too (off in the paper).
+        row: a Table 4 row "A".."F" that sets ``srrs`` and ``negatives`` (and the threshold unless given).
+    """
+
+    def __init__(self, *, name: str = "wst", srrs: bool = True, negatives: str = "weak", threshold: float | None = None,
+                 delta: float = 0.5, schedule: bool = False, box_loss: bool = False, row: str | None = None,
+                 num_classes: int | None = None, ignore_index: int = 255) -> None:
+        if row is not None:
+            if row not in ABLATION_ROWS:
+                raise ValueError(f"unknown Table 4 row {row!r}; valid: {', '.join(ABLATION_ROWS)}")
+            srrs, negatives = ABLATION_ROWS[row]
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
+        self.name, self.use_srrs, self.negatives, self.delta = name, srrs, negatives, delta
+        self.threshold = threshold if threshold is not None else (0.8 if srrs else 0.9)
+        self.schedule, self.box_loss = schedule, box_loss
+
+    def epsilon(self, progress: float) -> float:
+        return epsilon_schedule(min(max(progress, 0.0), 1.0)) if self.schedule else self.threshold
+
+    def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
+        """Pseudo-boxes per image: ``boxes`` [K, 4], ``labels`` [K], ``scores`` [K], ``srrs`` [K] (NaN without SRRS)."""
+        return [self._one(p, self.epsilon(progress)) for p in preds]
+
+    def _one(self, pred: DetPrediction, epsilon: float) -> dict[str, torch.Tensor]:
+        if self.use_srrs:
+            if pred.raw_boxes is None or pred.raw_probs is None:
+                raise ValueError("SRRS needs the raw candidates (DetPrediction.raw_boxes/raw_probs) from the adapter")
+            reliability = srrs(pred.raw_boxes, pred.raw_probs, pred.boxes, pred.labels, self.delta)
+        else:
+            reliability = torch.full_like(pred.scores, math.nan)
+        keep = (reliability if self.use_srrs else pred.scores) >= epsilon
+        return {"boxes": pred.boxes[keep], "labels": pred.labels[keep], "scores": pred.scores[keep],
+                "srrs": reliability[keep]}
+
+
+class MeanTeacher(_Online):
+    """Mean teacher for detection and segmentation.
+
+    Args:
+        threshold: teacher confidence a detection (or pixel) needs (0.8).
+        decay: EMA decay of the teacher (0.999).
+        negatives, box_loss: how detectors learn from the teacher's boxes (hard negatives, no box loss).
+    """
+
+    teacher = "ema"
+    strong_augment = True
+
+    def __init__(self, *, threshold: float = 0.8, decay: float = 0.999, negatives: str = "hard",
+                 box_loss: bool = False, num_classes: int | None = None, ignore_index: int = 255) -> None:
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
+        self.name, self.threshold, self.decay = "mean_teacher", threshold, decay
+        self.negatives, self.box_loss, self.ignore_index = negatives, box_loss, ignore_index
+
+    def teacher_options(self) -> dict[str, Any]:
+        return {"decay": self.decay}
+
+    def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for p in preds:
+            keep = p.scores >= self.threshold
+            out.append({"boxes": p.boxes[keep], "labels": p.labels[keep], "scores": p.scores[keep],
+                        "srrs": torch.full_like(p.scores[keep], math.nan)})
+        return out
+
+    def segmentation(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SegPseudoLabels]:
+        """Teacher logits [B, C, H, W] -> (targets [B, H, W] = argmax, weight [B] = share of pixels with
+        p_max >= threshold, the stored labels with ``ignore_index`` below the threshold)."""
+        probs = F.softmax(logits.float(), dim=1)
+        confidence, targets = probs.max(dim=1)
+        confident = confidence >= self.threshold
+        weight = confident.flatten(1).float().mean(1)
+        stored = torch.where(confident, targets, torch.full_like(targets, self.ignore_index))
+        return targets, weight, SegPseudoLabels(labels=stored, confidence=confidence)

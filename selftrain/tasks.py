@@ -1,0 +1,155 @@
+"""What differs between segmentation and detection, behind one small interface the engine calls.
+
+A task knows how to batch its samples, augment them, compute supervised losses, evaluate, and
+make and store online pseudo-labels (teacher view -> policy -> student step). The engine stays the
+same round loop for both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.transforms import Augment, BoxFlip, photometric
+from .metrics import voc_ap
+from .progress import progress
+from .store import PseudoLabelWriter
+from .training import collate as seg_collate
+from .training import evaluate as seg_evaluate
+
+
+class SegmentationTask:
+    """Dense labels: batches of equal-size images, CE losses, mIoU."""
+
+    name = "segmentation"
+
+    def __init__(self, data: Any, *, mine_probability: float = 0.5) -> None:
+        self.data = data
+        self.mine_probability = mine_probability
+        self.collate = seg_collate
+
+    def augment(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
+        d = self.data
+        return Augment(dataset, flip=d.flip, crop=d.crop, scale=d.scale, mine_classes=mine_classes,
+                       mine_probability=self.mine_probability, ignore_index=d.ignore_index)
+
+    def supervised_losses(self, adapter, batch: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+        return adapter.forward_train(batch["image"].to(device), batch["label"].to(device)).losses
+
+    def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
+        d = self.data
+        result = seg_evaluate(adapter, dataset, num_classes=d.num_classes, ignore_index=d.ignore_index,
+                              batch_size=d.eval_batch, device=torch.device(device), desc=desc, tta=d.eval_tta)
+        return {**result, **synthia_miou13(result, d.class_names)}
+
+    def online_losses(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
+                      progress: float) -> dict[str, torch.Tensor]:
+        """Teacher labels the weak view; the student's CE on the strong view, weighted per image."""
+        images = batch["image"].to(device)
+        targets, weight, _ = policy.segmentation(teacher.predict(images).logits)
+        student = photometric(images, normalised=True) if policy.strong_augment else images
+        logits = adapter.forward_train(student).logits
+        ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none").flatten(1).mean(1)
+        return {"ce": (weight.to(ce.device) * ce).mean()}
+
+    def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
+                     progress_value: float) -> None:
+        """Store what the teacher and policy make for every target image at the end of the round."""
+        loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
+        for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
+            _, _, made = policy.segmentation(teacher.predict(batch["image"].to(device)).logits)
+            writer.add_segmentation_batch(batch["id"], made.labels.to(torch.uint8).cpu().numpy(),
+                                          made.confidence.cpu().numpy())
+        writer.finish()
+
+
+def synthia_miou13(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+    """``{"miou13": ...}`` for the SYNTHIA -> Cityscapes label space (mIoU* over 13 classes, CBST Table 2)."""
+    from .data.segsets import SYNTHIA_13, SYNTHIA_16_NAMES, miou_subset
+
+    names = tuple(str(n).replace("_", " ") for n in class_names)
+    if names != SYNTHIA_16_NAMES:
+        return {}
+    per_class = [float("nan") if v is None else v for v in result["iou"]]
+    return {"miou13": miou_subset(per_class, SYNTHIA_13)}
+
+
+def det_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images stay a list (sizes may differ); targets a list of ``{"boxes", "labels"}``."""
+    return {
+        "image": [s["image"] for s in samples],
+        "target": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "id": [s["id"] for s in samples],
+    }
+
+
+class DetectionTask:
+    """Boxes: list batches, detector losses with a choice of negatives, VOC mAP at IoU 0.5."""
+
+    name = "detection"
+
+    def __init__(self, data: Any, *, use_07: bool = False) -> None:
+        self.data = data
+        self.use_07 = use_07
+        self.collate = det_collate
+
+    def augment(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
+        return BoxFlip(dataset) if self.data.flip else dataset
+
+    def supervised_losses(self, adapter, batch: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+        images = [im.to(device) for im in batch["image"]]
+        return adapter.forward_train(images, batch["target"], negatives="hard", box_loss=True).losses
+
+    @torch.no_grad()
+    def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
+        detections, truths = [], []
+        loader = DataLoader(dataset, batch_size=self.data.eval_batch, shuffle=False, collate_fn=_eval_collate)
+        for images, gts in progress(loader, desc=desc, unit="batch"):
+            for pred in adapter.predict([im.to(device) for im in images]):
+                detections.append({"boxes": pred.boxes.cpu(), "scores": pred.scores.cpu(), "labels": pred.labels.cpu()})
+            truths += gts
+        mean_ap, per_class = voc_ap(detections, truths, self.data.num_classes, use_07=self.use_07)
+        return {"map": _pct(mean_ap), "ap": [_pct(v) for v in per_class]}
+
+    def online_losses(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
+                      progress: float) -> dict[str, torch.Tensor]:
+        """Teacher (the student for WST) labels the batch; the student learns from those boxes."""
+        images = [im.to(device) for im in batch["image"]]
+        made = policy.detections(teacher.predict(images), progress)
+        student = [photometric(im, normalised=False) for im in images] if policy.strong_augment else images
+        targets = [{"boxes": m["boxes"].detach(), "labels": m["labels"].detach()} for m in made]
+        return adapter.forward_train(student, targets, negatives=policy.negatives, box_loss=policy.box_loss).losses
+
+    @torch.no_grad()
+    def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
+                     progress_value: float) -> None:
+        loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
+        for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
+            made = policy.detections(teacher.predict([im.to(device) for im in batch["image"]]), progress_value)
+            for image_id, m in zip(batch["id"], made):
+                m = {k: v.cpu().numpy() for k, v in m.items()}
+                writer.add_detection(image_id, m["boxes"], m["labels"], m["scores"], m["srrs"])
+        writer.finish()
+
+
+def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    images = [s["image"] for s in samples]
+    truths = [{"boxes": s["boxes"], "labels": s["labels"], "difficult": s.get("difficult")} for s in samples]
+    for t in truths:
+        if t["difficult"] is None:
+            del t["difficult"]
+    return images, truths
+
+
+def _pct(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else 100.0 * float(value)
+
+
+def build_task(name: str, data: Any, *, mine_probability: float = 0.5,
+               use_07: bool = False) -> SegmentationTask | DetectionTask:
+    if name == "detection":
+        return DetectionTask(data, use_07=use_07)
+    return SegmentationTask(data, mine_probability=mine_probability)
