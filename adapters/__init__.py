@@ -9,6 +9,8 @@ from selftrain.registry import Registry
 ADAPTERS: Registry[Any] = Registry("adapter")
 
 from . import segmentation  # noqa: E402,F401  (registers the segmenters)
+from . import detection  # noqa: E402,F401  (registers the detectors)
+from . import classic  # noqa: E402,F401  (registers the CBST-paper segmenters)
 
 
 def create_adapter(name: str, **kwargs: Any) -> Any:

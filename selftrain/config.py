@@ -64,7 +64,7 @@ class SourceTrainingConfig:
     enabled: bool = True
     steps: int = 1000
     batch_size: int = 2
-    lr_schedule: Literal["constant", "onecycle", "poly"] = "poly"
+    lr_schedule: Literal["constant", "onecycle", "poly", "step"] = "poly"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -317,7 +317,8 @@ def _type_error(path: str, expected: str, value: Any) -> ConfigError:
 def _check_values(cfg: RunConfig) -> None:
     """Range checks that types cannot express."""
     checks = [
-        (cfg.data.num_classes >= 2, "data.num_classes must be at least 2"),
+        (cfg.data.num_classes >= (1 if cfg.task == "detection" else 2),
+         "data.num_classes must be at least 2 (1 object class for detection)"),
         (cfg.rounds.count >= 0, "rounds.count must be >= 0"),
         (0 < cfg.rounds.portion.start <= 1 and 0 < cfg.rounds.portion.max <= 1, "rounds.portion values must be in (0, 1]"),
         (0 <= cfg.rounds.source_share.start <= 1, "rounds.source_share.start must be in [0, 1]"),

@@ -36,10 +36,14 @@ def make_optimizer(params, spec: OptimSpec, lr: float | None = None) -> torch.op
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """``constant``, ``poly`` (power 0.9, DeepLab) or ``onecycle`` over ``steps`` steps."""
+    """``constant``, ``poly`` (power 0.9, DeepLab), ``step`` (x0.1 at 2/3 and 5/6 of the steps: SSD's
+    80k/100k of 120k) or ``onecycle`` over ``steps`` steps."""
     if kind == "onecycle":
         max_lr = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(steps, 2))
+    if kind == "step":
+        milestones = [round(steps * 2 / 3), round(steps * 5 / 6)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     if kind == "poly":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - min(i, steps) / max(steps, 1)) ** 0.9)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
