@@ -102,16 +102,25 @@ def data() -> None:
 @click.option("--num-source", default=600, show_default=True)
 @click.option("--num-target-train", default=400, show_default=True)
 @click.option("--num-target-val", default=200, show_default=True)
-@click.option("--height", default=64, show_default=True)
-@click.option("--width", default=128, show_default=True)
+@click.option("--height", default=None, type=int, help="Image height (default 64; 128 for detection).")
+@click.option("--width", default=None, type=int, help="Image width (default 128).")
+@click.option("--task", type=click.Choice(["segmentation", "detection"]), default="segmentation", show_default=True,
+              help="detection writes the shapes benchmark in VOC layout (read it with the voc data set).")
 @user_errors
 def data_synth(out: str, seed: int, num_source: int, num_target_train: int, num_target_val: int,
-               height: int, width: int) -> None:
-    """Write the synthetic street-scene benchmark (source, target_train, target_val) as PNGs."""
-    from .data.synth import write_benchmark
+               height: int | None, width: int | None, task: str) -> None:
+    """Write a synthetic benchmark (source, target_train, target_val) to disk."""
+    if task == "detection":
+        from .data.synth_det import write_det_benchmark as write
+    else:
+        from .data.synth import write_benchmark as write
 
-    path = write_benchmark(out, seed=seed, num_source=num_source, num_target_train=num_target_train,
-                           num_target_val=num_target_val, height=height, width=width)
+    default_height = 128 if task == "detection" else 64
+    try:
+        path = write(out, seed=seed, num_source=num_source, num_target_train=num_target_train,
+                     num_target_val=num_target_val, height=height or default_height, width=width or 128)
+    except ValueError as exc:
+        raise UserError(f"{exc}; fix the option") from None
     click.echo(f"wrote {num_source + num_target_train + num_target_val} images to {path}")
 
 

@@ -93,3 +93,44 @@ def test_detection_recipe_errors(det_tiny_recipe, tmp_path, setting, message):
     args = [a for s in setting for a in ("--set", s)]
     code, _, err = run_cli("run", det_tiny_recipe, *args, "--out", tmp_path / "x")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_synth_detection_writes_a_voc_layout(tmp_path):
+    from selftrain.data.detsets import build_det_dataset
+    from selftrain.data.synth_det import CLASS_NAMES
+
+    code, out, err = run_cli("data", "synth", "--task", "detection", "--out", tmp_path / "b", "--num-source", 3,
+                             "--num-target-train", 2, "--num-target-val", 2)
+    assert code == 0, err
+    ds = build_det_dataset("voc", root=str(tmp_path / "b"), split="target_val", options={}, class_names=CLASS_NAMES)
+    assert len(ds) == 2 and ds[0]["image"].shape == (3, 128, 128) and len(ds[0]["boxes"]) >= 1
+
+
+def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert run_cli("run", det_tiny_recipe, "--set", "policy.options={threshold: 0.0}", "--set", "rounds.count=1",
+                   "--out", out, "--quiet")[0] == 0
+    code, _, err = run_cli("labels", "show", out, "--round", 1, "--grid", 2, "--out", tmp_path / "boxes.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "boxes.png").width > 200
+    with open_round(out / "pseudo" / "round_001.h5") as reader:
+        found = [reader.boxes(i) for i in range(len(reader))]
+        ids = list(reader.image_ids)
+    code, _, err = run_cli("labels", "export", out, "--round", 1, "--format", "coco", "--out", tmp_path / "coco")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "coco" / "pseudo_round_001.json").read_text())
+    assert len(doc["images"]) == 10 and len(doc["annotations"]) == sum(len(f["labels"]) for f in found)
+    assert doc["images"][0]["width"] == 128 and [c["name"] for c in doc["categories"]][0] == "car"
+    first = next(i for i, f in enumerate(found) if len(f["labels"]))
+    ann = next(a for a in doc["annotations"] if a["image_id"] == first + 1)
+    x0, y0, x1, y1 = found[first]["boxes"][0].tolist()
+    assert ann["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-4)
+    code, _, err = run_cli("labels", "export", out, "--round", 1, "--format", "voc", "--out", tmp_path / "voc")
+    assert code == 0, err
+    root = ET.parse(tmp_path / "voc" / "Annotations" / f"{ids[first]}.xml").getroot()
+    assert len(root.findall("object")) == len(found[first]["labels"])
+    assert int(root.find("object/bndbox/xmin").text) == round(x0) + 1
