@@ -48,6 +48,7 @@ def build_data(cfg: RunConfig) -> RunData:
         num_workers=cfg.data.num_workers, eval_batch=cfg.eval.batch_size, pseudo_batch=cfg.pseudo_batch_size,
         eval_tta=TestTimeAugment(tuple(cfg.eval.scales), cfg.eval.flip),
         pseudo_tta=TestTimeAugment(tuple(cfg.policy.scales), cfg.policy.flip), eval_every_round=cfg.eval.every_round,
+        photometric=cfg.augment.photometric,
     )
 
 

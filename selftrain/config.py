@@ -122,6 +122,8 @@ class AugmentConfig:
     flip: bool = True
     crop: list[int] | None = None
     scale: list[float] | None = None
+    # detection: SSD's photometric distortion (brightness, contrast, saturation, hue) on training images
+    photometric: bool = False
 
 
 @dataclass

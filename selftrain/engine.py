@@ -69,6 +69,7 @@ class RunData:
     eval_tta: TestTimeAugment = TestTimeAugment()
     pseudo_tta: TestTimeAugment = TestTimeAugment()
     eval_every_round: bool = True
+    photometric: bool = False
 
 
 @dataclass(frozen=True)

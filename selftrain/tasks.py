@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.transforms import Augment, BoxFlip, photometric
+from .data.transforms import Augment, DetAugment, photometric
 from .metrics import voc_ap
 from .progress import progress
 from .store import PseudoLabelWriter
@@ -97,7 +97,7 @@ class DetectionTask:
         self.collate = det_collate
 
     def augment(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
-        return BoxFlip(dataset) if self.data.flip else dataset
+        return DetAugment(dataset, flip=self.data.flip, photometric=self.data.photometric)
 
     def supervised_losses(self, adapter, batch: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
         images = [im.to(device) for im in batch["image"]]

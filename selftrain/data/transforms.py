@@ -107,18 +107,25 @@ def _pad_to(image: torch.Tensor, label: torch.Tensor, ch: int, cw: int, ignore_i
     return image, label
 
 
-class BoxFlip(Dataset):
-    """Horizontal flip with probability 0.5 for detection samples (image [3, H, W], boxes xyxy)."""
+class DetAugment(Dataset):
+    """Detection training views: horizontal flip (p = 0.5) of image [3, H, W] in [0, 1] and xyxy boxes,
+    and with ``photometric`` SSD's photometric distortion (Liu et al. 2016): random brightness,
+    contrast, saturation and hue (torchvision ColorJitter 0.125 / 0.5 / 0.5 / 0.05)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, *, flip: bool = True, photometric: bool = False) -> None:
+        from torchvision.transforms import v2
+
+        self.dataset, self.flip = dataset, flip
+        self.jitter = v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05) if photometric else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.dataset[index])
-        if torch.rand(()) < 0.5:
+        if self.jitter is not None:
+            sample["image"] = self.jitter(sample["image"])
+        if self.flip and torch.rand(()) < 0.5:
             width = sample["image"].shape[-1]
             sample["image"] = sample["image"].flip(-1).contiguous()
             boxes = sample["boxes"].clone()
