@@ -61,7 +61,7 @@ def show_labels(path: str | Path, round_index: int, out_png: str | Path, *, inde
             row, classes = draw(dataset, reader, i, palette, class_names)
             rows.append(row)
             present |= classes
-        title = f"round {round_index} ({reader.meta.get('policy')}, portion {reader.meta.get('portion')})"
+        title = f"round {round_index} ({reader.meta.get('policy')}, portion {float(reader.meta.get('portion', 0)):.2f})"
         return save_figure(rows, out_png, palette=palette, class_names=class_names,
                            legend_classes=sorted(present), title=title)
 
