@@ -259,6 +259,13 @@ def list_cmd(what: str) -> None:
         from .policies import POLICIES as reg
     else:
         from .data.datasets import DATASETS as reg
+        from .data.detsets import DET_DATASETS
+
+        for name in reg.names():
+            click.echo(f"{name}  (segmentation)")
+        for name in DET_DATASETS.names():
+            click.echo(f"{name}  (detection)")
+        return
     for name in reg.names():
         click.echo(name)
 

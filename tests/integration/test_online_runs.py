@@ -134,3 +134,9 @@ def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
     root = ET.parse(tmp_path / "voc" / "Annotations" / f"{ids[first]}.xml").getroot()
     assert len(root.findall("object")) == len(found[first]["labels"])
     assert int(root.find("object/bndbox/xmin").text) == round(x0) + 1
+
+
+def test_list_datasets_names_both_tasks():
+    code, out, _ = run_cli("list", "datasets")
+    assert code == 0 and "cityscapes  (segmentation)" in out and "voc  (detection)" in out
+    assert "synth_shapes  (detection)" in out and "gta5  (segmentation)" in out
