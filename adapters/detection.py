@@ -109,6 +109,17 @@ class DetectionAdapter:
             out.append({"boxes": boxes, "labels": labels})
         return out
 
+    def _predictions(self, dets: Targets, candidates: list[Tensor], probs, sizes: list[tuple[int, int]],
+                     originals: list[tuple[int, int]]) -> list[DetPrediction]:
+        """Post-NMS detections plus, per image, the raw candidates (clipped to the network's frame)."""
+        out = []
+        for i, det in enumerate(dets):
+            raw_boxes, raw_probs = self._raw(clip_boxes_to_image(candidates[i], sizes[i]), probs[i], sizes[i],
+                                             originals[i])
+            out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
+                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
+        return out
+
     def _raw(self, boxes: Tensor, probs: Tensor, size: tuple[int, int], original: tuple[int, int]
              ) -> tuple[Tensor, Tensor]:
         """The pre-NMS candidates kept for SRRS, highest foreground probability first, in input pixels.
@@ -164,14 +175,8 @@ class SSDAdapter(DetectionAdapter):
         dets = m.postprocess_detections(head, anchors, batch.image_sizes)
         dets = m.transform.postprocess(dets, batch.image_sizes, originals)
         probs = head["cls_logits"].float().softmax(-1)
-        out = []
-        for i, det in enumerate(dets):
-            boxes = clip_boxes_to_image(m.box_coder.decode_single(head["bbox_regression"][i], anchors[i]),
-                                        batch.image_sizes[i])
-            raw_boxes, raw_probs = self._raw(boxes, probs[i], batch.image_sizes[i], originals[i])
-            out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
-                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
-        return out
+        candidates = [m.box_coder.decode_single(head["bbox_regression"][i], anchors[i]) for i in range(len(dets))]
+        return self._predictions(dets, candidates, probs, batch.image_sizes, originals)
 
     def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
                       negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
@@ -358,15 +363,9 @@ class FasterRCNNAdapter(DetectionAdapter):
         per_image = [len(p) for p in proposals]
         class_boxes = rh.box_coder.decode(regression, proposals).split(per_image)
         probs = logits.float().softmax(-1).split(per_image)
-        out = []
-        for i, det in enumerate(dets):
-            best = probs[i][:, 1:].argmax(1) + 1  # one box per proposal: its argmax foreground class's
-            cand = clip_boxes_to_image(class_boxes[i][torch.arange(len(best), device=best.device), best],
-                                       batch.image_sizes[i])
-            raw_boxes, raw_probs = self._raw(cand, probs[i], batch.image_sizes[i], originals[i])
-            out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
-                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
-        return out
+        best = [p[:, 1:].argmax(1) + 1 for p in probs]  # one box per proposal: its argmax foreground class's
+        candidates = [b[torch.arange(len(c), device=c.device), c] for b, c in zip(class_boxes, best)]
+        return self._predictions(dets, candidates, probs, batch.image_sizes, originals)
 
     def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
                       negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
