@@ -70,8 +70,6 @@ def class_names(cfg: RunConfig, dataset: Any) -> list[str]:
 
 
 def build_adapter(cfg: RunConfig) -> Any:
-    from selftrain.adapters import create_adapter
-
     from selftrain.adapters import ADAPTERS
 
     builder = ADAPTERS.get(cfg.model.name)

@@ -41,8 +41,7 @@ def run_demo(*, out: Path, seeds: Sequence[int], recipes_dir: Path, overrides: S
 
 
 def _run_seed(root: Path, seed: int, recipes_dir: Path, overrides: list[str], resume: bool) -> dict[str, Any]:
-    common = [f"seed={seed}", *(f"data.{k}.options.seed={seed}" for k in ("source", "target", "target_val")),
-              *overrides]
+    common = seed_overrides(seed, overrides)
     runs = {"source_only": _run(recipes_dir / "synth_source.yaml", common + ["rounds.count=0"], root / "source_only",
                                 resume)}
     prior = root / "prior_synth_street.npz"
@@ -65,8 +64,7 @@ def run_detection_demo(*, out: Path, seeds: Sequence[int], recipes_dir: Path, ov
     rows = []
     for seed in seeds:
         root = out / f"seed_{seed}"
-        common = [f"seed={seed}", *(f"data.{k}.options.seed={seed}" for k in ("source", "target", "target_val")),
-                  *overrides]
+        common = seed_overrides(seed, overrides)
         runs = {"source_only": _run(recipes_dir / "det_source.yaml", common + ["rounds.count=0"],
                                     root / "source_only", resume)}
         start = [f"model.checkpoint={root / 'source_only' / 'checkpoints' / 'round_000.pt'}",
@@ -99,6 +97,12 @@ def format_detection_summary(summary: dict[str, Any]) -> str:
             gain = [r["map_per_round"][-1] - base[r["seed"]] for r in rows]
             lines.append(f"{method:<14}{_mean(last):>7.1f}{_mean(gain):>+7.1f}")
     return "\n".join(lines)
+
+
+def seed_overrides(seed: int, overrides: Sequence[str]) -> list[str]:
+    """The run seed and the benchmark's seed for every split, then the user's overrides."""
+    return [f"seed={seed}", *(f"data.{k}.options.seed={seed}" for k in ("source", "target", "target_val")),
+            *overrides]
 
 
 def _run(recipe: Path, overrides: list[str], out: Path, resume: bool) -> list[dict[str, Any]]:

@@ -239,10 +239,10 @@ class Engine:
 
         losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, "constant", spec.steps),
                              steps=spec.steps, desc=f"round {spec.index}: online", after_step=self._teacher_update(done))
-        self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
+        counts = self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
                                         "steps": spec.steps, "losses": losses,
-                                        "pseudo": self._online_summary(spec.index)})
+                                        "pseudo": self._online_summary(counts)})
 
     def _teacher_update(self, done: int):
         return lambda i: self.teacher.update(self.adapter, done + i)
@@ -250,7 +250,8 @@ class Engine:
     def _steps_before(self, index: int) -> int:
         return sum(r.steps for r in self.plan.rounds if r.index < index)
 
-    def _store_online(self, spec: RoundSpec, progress_value: float) -> None:
+    def _store_online(self, spec: RoundSpec, progress_value: float) -> list[int]:
+        """Write the round's labels for every target image; returns the labels (pixels or boxes) per class."""
         writer = PseudoLabelWriter(
             self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
             portion=1.0, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
@@ -258,15 +259,11 @@ class Engine:
             checkpoint=str(self.run_dir.checkpoint(spec.index)),
         )
         with writer:
-            self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
-                                   progress_value=min(progress_value, 1.0))
+            return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
+                                          progress_value=min(progress_value, 1.0))
 
-    def _online_summary(self, index: int) -> dict[str, Any]:
-        """Labels per class in the stored round (pixels or boxes), for metrics.jsonl and the plots."""
-        from .inspect import count_labels
-
-        with open_round(self.run_dir.pseudo(index)) as reader:
-            counts = [int(c) for c in count_labels(reader)]
+    def _online_summary(self, counts: list[int]) -> dict[str, Any]:
+        """Labels per class of the stored round, for metrics.jsonl and the plots."""
         threshold = float(getattr(self.policy, "threshold", float("nan")))
         return {"selected_pixels": counts, "thresholds": [threshold] * len(counts), "precision": None,
                 "selected_share": None}

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import Augment, DetAugment, photometric
-from .metrics import voc_ap
+from .metrics import bincount_skipping, voc_ap
 from .progress import progress
 from .store import PseudoLabelWriter
 from .training import collate as seg_collate
@@ -56,14 +56,18 @@ class SegmentationTask:
         return {"ce": (weight.to(ce.device) * ce).mean()}
 
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> None:
-        """Store what the teacher and policy make for every target image at the end of the round."""
+                     progress_value: float) -> list[int]:
+        """Store what the teacher and policy make for every target image at the end of the round;
+        returns the labelled pixels per class."""
         loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
+        counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
             _, _, made = policy.segmentation(teacher.predict(batch["image"].to(device)).logits)
-            writer.add_segmentation_batch(batch["id"], made.labels.to(torch.uint8).cpu().numpy(),
-                                          made.confidence.cpu().numpy())
-        writer.finish()
+            labels = made.labels.cpu()
+            counts += bincount_skipping(labels, labels == self.data.ignore_index, self.data.num_classes)
+            writer.add_segmentation_batch(batch["id"], labels.to(torch.uint8).numpy(), made.confidence.cpu().numpy())
+        writer.finish(selected_pixels=counts.numpy())
+        return counts.tolist()
 
 
 def synthia_miou13(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
@@ -125,14 +129,19 @@ class DetectionTask:
 
     @torch.no_grad()
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> None:
+                     progress_value: float) -> list[int]:
+        """Store the pseudo-boxes of every target image at the end of the round; returns boxes per class."""
         loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
+        counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
             made = policy.detections(teacher.predict([im.to(device) for im in batch["image"]]), progress_value)
             for image_id, m in zip(batch["id"], made):
-                m = {k: v.cpu().numpy() for k, v in m.items()}
-                writer.add_detection(image_id, m["boxes"], m["labels"], m["scores"], m["srrs"])
+                m = {k: v.cpu() for k, v in m.items()}
+                counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
+                writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
+                                     m["srrs"].numpy())
         writer.finish()
+        return counts.tolist()
 
 
 def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

@@ -52,6 +52,7 @@ class EMATeacher:
         self.model = copy.deepcopy(student)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._averaged = _parameter_names(self.model)  # parameters average; buffers are copied
 
     def predict(self, images: Any) -> Any:
         return self.model.predict(images)
@@ -63,10 +64,9 @@ class EMATeacher:
     def update(self, student: Any, step: int) -> None:
         decay = self.rate(step)
         teacher_state, student_state = self.model.state_dict(), student.state_dict()
-        parameters = _parameter_names(student)
         for name, value in teacher_state.items():
             source = student_state[name].detach()
-            if value.dtype.is_floating_point and name in parameters:
+            if value.dtype.is_floating_point and name in self._averaged:
                 value.mul_(decay).add_(source, alpha=1 - decay)
             else:
                 value.copy_(source)
