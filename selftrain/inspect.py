@@ -138,14 +138,13 @@ def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = 
 def count_labels(reader: RoundReader, *, block: int = 16) -> np.ndarray:
     """Pixels (segmentation) or boxes (detection) per class, read straight from the file. -> [C] int64"""
     num_classes = int(reader.meta["num_classes"])
-    h5 = reader._file()
     if reader.task == "detection":
-        labels = torch.from_numpy(h5["labels"][()].astype(np.int64))
+        labels = torch.from_numpy(reader.label_rows(0, None).astype(np.int64))
         return bincount_skipping(labels - 1, (labels < 1) | (labels > num_classes), num_classes).numpy()
     ignore = int(reader.meta["ignore_index"])
     total = torch.zeros(num_classes, dtype=torch.int64)
     for start in progress(range(0, len(reader), block), desc="count labels", unit="block"):
-        chunk = torch.from_numpy(h5["labels"][start:start + block].astype(np.int64))
+        chunk = torch.from_numpy(reader.label_rows(start, start + block).astype(np.int64))
         total += bincount_skipping(chunk, chunk == ignore, num_classes)
     return total.numpy()
 
@@ -155,7 +154,7 @@ def _counts(reader: RoundReader, recount: bool) -> tuple[list[int], float | None
     counts = count_labels(reader) if recount or stored is None else np.asarray(stored)
     share = None
     if reader.task == "segmentation" and len(reader):
-        height, width = reader._file()["labels"].shape[1:]
+        height, width = reader.image_shape
         share = float(counts.sum()) / (len(reader) * height * width)
     return [int(c) for c in counts], share
 

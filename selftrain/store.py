@@ -373,6 +373,18 @@ class RoundReader:
         """Pseudo-labels of image ``i``: uint8 [H, W], ``ignore_index`` where not selected."""
         return self._image("labels", i).astype(np.uint8, copy=False)
 
+    def label_rows(self, start: int, stop: int) -> np.ndarray:
+        """The stored ``labels`` rows ``start:stop``: [n, H, W] uint8 (segmentation) or [n] int64 box
+        labels (detection); one read for a block of images or boxes."""
+        return self._file()["labels"][start:stop]
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(H, W) shared by every segmentation image of the file; None for detection or an empty file."""
+        if self.task != "segmentation" or "labels" not in self._file():
+            return None
+        return tuple(self._file()["labels"].shape[1:])
+
     def confidence(self, i: int) -> np.ndarray:
         """Selection scores of image ``i``: float32 [H, W]."""
         return self._image("confidence", i).astype(np.float32)
