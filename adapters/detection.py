@@ -184,7 +184,7 @@ class SSDAdapter(DetectionAdapter):
         self.model.train()
         images = image_list(images)
         targets = None if targets is None else self._targets(targets, images)
-        with capture({"conv4_3": self.model.backbone.features}) as taps:
+        with capture({"conv4_3": self.model.backbone.features[-1]}) as taps:
             _, resized, head, anchors = self._forward(images, targets)
         losses = {}
         if resized is not None:
@@ -244,23 +244,31 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class TinySSDBackbone(nn.Module):
-    """Five conv-BN-ReLU stages to stride 8 (``features``), then three stride-2 stages.
+    """Conv-BN-ReLU stages to stride 8 (``features``), then stride-2 stages; four output maps.
 
-    Feature maps at strides 8, 16, 32, 64: 16, 8, 4 and 2 cells at 128 px. Output: an ordered
-    dict of the four maps, ``width`` channels each.
+    ``first_stride=8``: maps at strides 8, 16, 32, 64 (16, 8, 4 and 2 cells at 128 px), ``width``
+    channels each. ``first_stride=4``: maps at strides 4, 8, 16, 32, the first taken inside
+    ``features`` (``width // 2`` channels). Output: an ordered dict of the four maps.
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, first_stride: int = 4) -> None:
         super().__init__()
+        if first_stride not in (4, 8):
+            raise ValueError(f"tiny_ssd first_stride must be 4 or 8, got {first_stride}")
         half = width // 2
         self.features = nn.Sequential(_conv(3, half // 2, 2), _conv(half // 2, half, 2), _conv(half, half, 1),
                                       _conv(half, width, 2), _conv(width, width, 1))
-        self.extra = nn.ModuleList([_conv(width, width, 2) for _ in range(3)])
-        self.out_channels = [width] * 4
+        self.extra = nn.ModuleList([_conv(width, width, 2) for _ in range(3 if first_stride == 8 else 2)])
+        self.first_stride = first_stride
+        self.out_channels = [width] * 4 if first_stride == 8 else [half] + [width] * 3
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        x = self.features(x)
-        maps = [x]
+        maps = []
+        for i, stage in enumerate(self.features):
+            x = stage(x)
+            if i == 2 and self.first_stride == 4:
+                maps.append(x)
+        maps.append(x)
         for block in self.extra:
             x = block(x)
             maps.append(x)
@@ -268,19 +276,27 @@ class TinySSDBackbone(nn.Module):
 
 
 @ADAPTERS.register("tiny_ssd")
-def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, score_thresh: float = 0.01,
-             nms_thresh: float = 0.45, detections_per_img: int = 100, raw_score_thresh: float = 0.01,
-             raw_candidates: int = 1000) -> SSDAdapter:
+def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride: int = 4,
+             score_thresh: float = 0.01, nms_thresh: float = 0.45, detections_per_img: int = 100,
+             raw_score_thresh: float = 0.01, raw_candidates: int = 1000) -> SSDAdapter:
     """A small single-shot detector (torchvision SSD, tiny conv backbone) for tests and the CPU demo.
 
-    Default boxes span 8 % to 85 % of the image over the four maps (10 to 109 px at 128 px);
-    ``size`` must be a multiple of 64. ``num_classes`` = K object classes, background added.
+    Default boxes span 8 % to 85 % of the image over four maps (10 to 109 px at 128 px), with
+    aspect ratios 2 on the first and last map and 2, 3 between, as SSD300. ``first_stride``: the
+    stride of the first map, 4 (maps at strides 4-32, the default) or 8 (strides 8-64). With 4 the
+    default boxes of a map are 2.4-3.2 times its stride, as in SSD300 (30 px boxes every 8 px on
+    conv4_3): neighbouring boxes overlap, so every object is matched, and later detected, by
+    several of them (at least 3 at IoU 0.5 for 10-20 px objects). With 8 that ratio is 1.2-1.6 and
+    a small object often has no default box at IoU 0.5, only its best one; on the synthetic
+    benchmark such a detector scores half the target mAP. ``size`` must be a multiple of
+    the last map's stride (64, or 32). ``num_classes`` = K object classes, background added.
     """
-    if size % 64:
-        raise ValueError(f"tiny_ssd size must be a multiple of 64 (stride of its last map), got {size}")
+    last = first_stride * 8
+    if size % last:
+        raise ValueError(f"tiny_ssd size must be a multiple of {last} (stride of its last map), got {size}")
     anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2]], scales=[0.08, 0.2, 0.38, 0.6, 0.85])
-    model = SSD(TinySSDBackbone(width), anchors, (size, size), num_classes + 1, score_thresh=score_thresh,
-                nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+    model = SSD(TinySSDBackbone(width, first_stride), anchors, (size, size), num_classes + 1,
+                score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
     return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
                       raw_candidates=raw_candidates)
 

@@ -106,9 +106,17 @@ def load_weights(module: nn.Module, path: str, what: str) -> None:
 
 def _smp_model(arch: str, *, num_classes: int, encoder: str, encoder_weights: str | None,
                **options: Any) -> nn.Module:
+    import inspect
+
     import segmentation_models_pytorch as smp
 
-    model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=num_classes, **options)
+    cls = getattr(smp, arch)
+    named = [n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(options) - set(named))
+    if unknown:  # smp swallows unknown keywords (a ``**kwargs`` it only warns about): a typo would pass
+        valid = sorted(set(named) - {"encoder_name", "encoder_weights", "classes"})
+        raise TypeError(f"{arch} got an unexpected keyword argument {unknown[0]!r}; valid: {', '.join(valid)}")
+    model = cls(encoder_name=encoder, encoder_weights=None, classes=num_classes, **options)
     if encoder_weights:
         load_weights(model.encoder, encoder_weights, f"{encoder} encoder")
     return model

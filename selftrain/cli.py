@@ -271,7 +271,8 @@ def list_cmd(what: str) -> None:
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder  [default: runs/demo, runs/detdemo with --task detection]")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--recipes", "recipes_dir", default="recipes", show_default=True, type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Applied to every recipe.")
@@ -280,13 +281,14 @@ def list_cmd(what: str) -> None:
               help="segmentation: ST/CBST/CBST-SP on street scenes; detection: ST/WST/mean teacher on shapes.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def demo(out: str, seeds: str, recipes_dir: str, overrides: tuple[str, ...], resume: bool, task: str,
+def demo(out: str | None, seeds: str, recipes_dir: str, overrides: tuple[str, ...], resume: bool, task: str,
          quiet: bool) -> None:
     """Source only and every policy on an embedded synthetic benchmark, then a comparison."""
     from .demo import run_demo
 
     _setup_logging(quiet)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    out = out or ("runs/detdemo" if task == "detection" else "runs/demo")
     click.echo(run_demo(out=Path(out), seeds=seed_list, recipes_dir=Path(recipes_dir),
                         overrides=list(overrides), resume=resume, task=task))
 

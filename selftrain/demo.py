@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,7 +72,9 @@ def run_detection_demo(*, out: Path, seeds: Sequence[int], recipes_dir: Path, ov
                  "source_training.enabled=false"]
         for name, recipe in DETECTION_RECIPES.items():
             runs[name] = _run(recipes_dir / recipe, common + start, root / name, resume)
-        rows += [{"seed": seed, "method": m, "map_per_round": [r["eval"]["map"] for r in recs if "eval" in r]}
+        rows += [{"seed": seed, "method": m, "map_per_round": [r["eval"]["map"] for r in recs if "eval" in r],
+                  "boxes_per_round": [sum(r["pseudo"]["selected_pixels"]) for r in recs if "pseudo" in r],
+                  "precision_per_round": [r["pseudo"].get("precision_overall") for r in recs if "pseudo" in r]}
                  for m, recs in runs.items()]
     summary = {"rows": rows}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -81,22 +84,37 @@ def run_detection_demo(*, out: Path, seeds: Sequence[int], recipes_dir: Path, ov
 
 
 def format_detection_summary(summary: dict[str, Any]) -> str:
-    """Per seed: target-val mAP after each round (round 0 = the shared source model); then means."""
-    lines = ["target-val mAP (VOC, IoU 0.5) per round; round 0 is the source model",
-             f"{'seed':<6}{'method':<14}{'rounds':<30}{'last':>7}{'gain':>7}"]
+    """Per seed: target-val mAP after each round (round 0 = the shared source model) and the pseudo-boxes
+    the last round stored with their precision; then means over seeds."""
+    lines = ["target-val mAP (VOC, IoU 0.5) per round; round 0 is the source model; boxes: pseudo-boxes the",
+             "last round stored for the target training images, prec: their precision (IoU 0.5, same class)",
+             f"{'seed':<6}{'method':<14}{'rounds':<26}{'last':>7}{'gain':>7}{'boxes':>7}{'prec %':>8}"]
     base = {r["seed"]: r["map_per_round"][0] for r in summary["rows"] if r["method"] == "source_only"}
     for r in summary["rows"]:
         per_round = " ".join(f"{v:.1f}" for v in r["map_per_round"])
-        lines.append(f"{r['seed']:<6}{r['method']:<14}{per_round:<30}{r['map_per_round'][-1]:>7.1f}"
-                     f"{r['map_per_round'][-1] - base[r['seed']]:>+7.1f}")
-    lines += ["", "mean over seeds", f"{'method':<14}{'mAP':>7}{'gain':>7}"]
+        boxes, prec = _last_labels(r)
+        lines.append(f"{r['seed']:<6}{r['method']:<14}{per_round:<26}{r['map_per_round'][-1]:>7.1f}"
+                     f"{r['map_per_round'][-1] - base[r['seed']]:>+7.1f}{_num(boxes, '.0f'):>7}{_num(prec, '.1f'):>8}")
+    lines += ["", "mean over seeds", f"{'method':<14}{'mAP':>7}{'gain':>7}{'boxes':>7}{'prec %':>8}"]
     for method in ("source_only", *DETECTION_RECIPES):
         rows = [r for r in summary["rows"] if r["method"] == method]
         if rows:
             last = [r["map_per_round"][-1] for r in rows]
             gain = [r["map_per_round"][-1] - base[r["seed"]] for r in rows]
-            lines.append(f"{method:<14}{_mean(last):>7.1f}{_mean(gain):>+7.1f}")
+            boxes, prec = zip(*(_last_labels(r) for r in rows))
+            lines.append(f"{method:<14}{_mean(last):>7.1f}{_mean(gain):>+7.1f}{_num(_mean(boxes), '.0f'):>7}"
+                         f"{_num(_mean(prec), '.1f'):>8}")
     return "\n".join(lines)
+
+
+def _last_labels(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Pseudo-boxes of the last round and their precision in %, None where there are none."""
+    boxes, prec = row.get("boxes_per_round") or [None], row.get("precision_per_round") or [None]
+    return boxes[-1], None if prec[-1] is None else 100.0 * prec[-1]
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
 
 
 def seed_overrides(seed: int, overrides: Sequence[str]) -> list[str]:

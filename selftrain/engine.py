@@ -22,6 +22,7 @@ from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, s
 from .data.transforms import PseudoLabeled
 from .pseudo import label_target
 from .store import PseudoLabelWriter, open_round
+from .tasks import StoredLabels
 from .tta import TestTimeAugment
 from .teachers import make_teacher
 from .training import OptimSpec, batches, make_optimizer, make_scheduler, seed_everything, train_steps
@@ -239,10 +240,10 @@ class Engine:
 
         losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, "constant", spec.steps),
                              steps=spec.steps, desc=f"round {spec.index}: online", after_step=self._teacher_update(done))
-        counts = self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
+        stored = self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
                                         "steps": spec.steps, "losses": losses,
-                                        "pseudo": self._online_summary(counts)})
+                                        "pseudo": self._online_summary(stored)})
 
     def _teacher_update(self, done: int):
         return lambda i: self.teacher.update(self.adapter, done + i)
@@ -250,8 +251,8 @@ class Engine:
     def _steps_before(self, index: int) -> int:
         return sum(r.steps for r in self.plan.rounds if r.index < index)
 
-    def _store_online(self, spec: RoundSpec, progress_value: float) -> list[int]:
-        """Write the round's labels for every target image; returns the labels (pixels or boxes) per class."""
+    def _store_online(self, spec: RoundSpec, progress_value: float) -> StoredLabels:
+        """Write the round's labels for every target image; their counts (and precision) per class."""
         writer = PseudoLabelWriter(
             self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
             portion=1.0, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
@@ -262,11 +263,11 @@ class Engine:
             return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
                                           progress_value=min(progress_value, 1.0))
 
-    def _online_summary(self, counts: list[int]) -> dict[str, Any]:
-        """Labels per class of the stored round, for metrics.jsonl and the plots."""
+    def _online_summary(self, stored: StoredLabels) -> dict[str, Any]:
+        """Labels per class of the stored round (and their precision), for metrics.jsonl and the plots."""
         threshold = float(getattr(self.policy, "threshold", float("nan")))
-        return {"selected_pixels": counts, "thresholds": [threshold] * len(counts), "precision": None,
-                "selected_share": None}
+        return {"selected_pixels": stored.counts, "thresholds": [threshold] * len(stored.counts),
+                "precision": stored.precision, "precision_overall": stored.precision_overall, "selected_share": None}
 
     def _source_stream(self, spec: RoundSpec, gen: torch.Generator):
         if self.plan.batch_source == 0 or spec.source_share <= 0:

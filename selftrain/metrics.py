@@ -188,6 +188,52 @@ def voc_ap(
     return (float(per_class[finite].mean()) if finite.any() else float("nan")), per_class
 
 
+def box_hits(boxes: dict, truth: dict, num_classes: int, iou: float = 0.5) -> np.ndarray:
+    """Which boxes of one image are correct under VOC rules at IoU ``iou`` (as :func:`voc_ap`).
+
+    Inside each class, boxes in descending score take their best-overlap ground truth; the first on
+    a ground truth is correct, a duplicate or a miss is not, a box on a difficult object neither.
+    Shape: boxes {"boxes" [N, 4], "scores" [N], "labels" [N]}, truth {"boxes", "labels",
+    "difficult"?} -> int8 [N]: 1 correct, 0 wrong, -1 on a difficult object.
+    """
+    d = _voc_image(boxes, num_classes, "box", gt=False)
+    g = _voc_image(truth, num_classes, "ground-truth", gt=True)
+    out = np.zeros(len(d["labels"]), np.int8)
+    for k in np.unique(d["labels"]):
+        idx = np.flatnonzero(d["labels"] == k)
+        idx = idx[np.argsort(-d["scores"][idx], kind="stable")]
+        gm = g["labels"] == k
+        gt_index, on_difficult = _image_matches(d["boxes"][idx], g["boxes"][gm], g["difficult"][gm], iou)
+        tp, _ = _true_false_positives(np.zeros(len(idx), np.int64), gt_index, on_difficult)
+        out[idx] = np.where(on_difficult, -1, tp.astype(np.int8))
+    return out
+
+
+class BoxPrecision:
+    """Precision of pseudo-boxes against ground truth, accumulated image by image (reporting only);
+    correct as :func:`box_hits` says, boxes on difficult objects left out."""
+
+    def __init__(self, num_classes: int, iou: float = 0.5) -> None:
+        self.num_classes, self.iou = num_classes, iou
+        self.correct = np.zeros(num_classes, np.int64)
+        self.counted = np.zeros(num_classes, np.int64)
+
+    def update(self, boxes: dict, truth: dict) -> None:
+        """One image: ``boxes`` {"boxes", "scores", "labels"}, ``truth`` {"boxes", "labels", "difficult"?}."""
+        hits = box_hits(boxes, truth, self.num_classes, self.iou)
+        labels = _as_array(boxes["labels"], np.int64) - 1
+        self.correct += np.bincount(labels[hits == 1], minlength=self.num_classes)
+        self.counted += np.bincount(labels[hits >= 0], minlength=self.num_classes)
+
+    def precision(self) -> list[float | None]:
+        """Per class [K]: correct / counted boxes; None for a class without boxes."""
+        return [float(c / n) if n else None for c, n in zip(self.correct, self.counted)]
+
+    def overall(self) -> float | None:
+        total = int(self.counted.sum())
+        return float(self.correct.sum() / total) if total else None
+
+
 def headline(evaluation: dict) -> tuple[str, float, list]:
     """The score of an evaluation record: ("mIoU", miou, iou) for segmentation, ("mAP", map, ap) for detection."""
     if "miou" in evaluation:

@@ -115,14 +115,14 @@ def _select_and_write(policy, cache: LogitCache, ids, dataset, writer, ignore_in
         chosen = policy.select_with_confidence(SegPrediction(logits=logits))
         selected += bincount_skipping(chosen.labels, chosen.labels == ignore_index, num_classes)
         writer.add_segmentation_batch(batch_ids, chosen.labels.to(torch.uint8).numpy(), chosen.confidence.numpy())
-        gt = _ground_truth(dataset, range(start, start + len(batch_ids)))
+        gt = target_ground_truth(dataset, range(start, start + len(batch_ids)))
         if gt is not None:
             cm.update(chosen.labels, gt)
         start += len(batch_ids)
     return selected, cm
 
 
-def _ground_truth(dataset, indices: range) -> torch.Tensor | None:
+def target_ground_truth(dataset, indices: range) -> torch.Tensor | None:
     """Target ground truth of a batch [B, H, W] when the data set has it (reporting only)."""
     read = getattr(dataset, "ground_truth", None)
     if read is None:

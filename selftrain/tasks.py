@@ -8,17 +8,30 @@ same round loop for both.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import Augment, DetAugment, photometric
-from .metrics import bincount_skipping, voc_ap
+from .errors import DataError
+from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, voc_ap
 from .progress import progress
+from .pseudo import target_ground_truth
 from .store import PseudoLabelWriter
 from .training import collate as seg_collate
 from .training import evaluate as seg_evaluate
+
+
+@dataclass(frozen=True)
+class StoredLabels:
+    """What an online round stored: labels (pixels or boxes) per class and, when the target set
+    has ground truth (reporting only, never trained on), their precision per class and overall."""
+
+    counts: list[int]
+    precision: list[float | None] | None = None
+    precision_overall: float | None = None
 
 
 class SegmentationTask:
@@ -56,18 +69,26 @@ class SegmentationTask:
         return {"ce": (weight.to(ce.device) * ce).mean()}
 
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> list[int]:
-        """Store what the teacher and policy make for every target image at the end of the round;
-        returns the labelled pixels per class."""
+                     progress_value: float) -> StoredLabels:
+        """Store what the teacher and policy make for every target image at the end of the round."""
         loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
         counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
+        cm = ConfusionMatrix(self.data.num_classes, self.data.ignore_index)
+        start = 0
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
             _, _, made = policy.segmentation(teacher.predict(batch["image"].to(device)).logits)
             labels = made.labels.cpu()
             counts += bincount_skipping(labels, labels == self.data.ignore_index, self.data.num_classes)
             writer.add_segmentation_batch(batch["id"], labels.to(torch.uint8).numpy(), made.confidence.cpu().numpy())
+            gt = target_ground_truth(dataset, range(start, start + len(labels)))
+            if gt is not None:
+                cm.update(labels, gt)
+            start += len(labels)
         writer.finish(selected_pixels=counts.numpy())
-        return counts.tolist()
+        if int(cm.matrix.sum()) == 0:
+            return StoredLabels(counts.tolist())
+        return StoredLabels(counts.tolist(), [None if math.isnan(v) else float(v) for v in cm.precision()],
+                            cm.accuracy())
 
 
 def synthia_miou13(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
@@ -129,10 +150,13 @@ class DetectionTask:
 
     @torch.no_grad()
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> list[int]:
-        """Store the pseudo-boxes of every target image at the end of the round; returns boxes per class."""
+                     progress_value: float) -> StoredLabels:
+        """Store the pseudo-boxes of every target image at the end of the round."""
         loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
         counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
+        scored = BoxPrecision(self.data.num_classes)
+        truth = getattr(dataset, "ground_truth", None)
+        index = 0
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
             made = policy.detections(teacher.predict([im.to(device) for im in batch["image"]]), progress_value)
             for image_id, m in zip(batch["id"], made):
@@ -140,8 +164,25 @@ class DetectionTask:
                 counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
                 writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
                                      m["srrs"].numpy())
+                truth = _score_boxes(scored, m, truth, index)
+                index += 1
         writer.finish()
-        return counts.tolist()
+        if truth is None:
+            return StoredLabels(counts.tolist())
+        return StoredLabels(counts.tolist(), scored.precision(), scored.overall())
+
+
+def _score_boxes(scored: BoxPrecision, boxes: dict[str, torch.Tensor], truth, index: int):
+    """Add one image to ``scored`` when the target set has its ground truth; returns the reader,
+    or None from the first image without one on (an unlabelled target set: no precision)."""
+    if truth is None:
+        return None
+    try:
+        gt = truth(index)
+    except (DataError, FileNotFoundError):
+        return None
+    scored.update(boxes, gt)
+    return truth
 
 
 def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

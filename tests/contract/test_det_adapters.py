@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from selftrain.adapters import ADAPTERS, create_adapter
@@ -233,6 +234,42 @@ def test_sampled_loss_keeps_the_lowest_third_of_each_images_negatives():
 
 
 # --------------------------------------------------------------------------- tiny model, weights
+
+
+def default_boxes(adapter, size: int = 128) -> torch.Tensor:
+    x = torch.rand(1, 3, size, size)
+    features = list(adapter.model.backbone(x).values())
+    return adapter.model.anchor_generator(ImageList(x, [(size, size)]), features)[0]
+
+
+@pytest.mark.parametrize(("first_stride", "cells", "channels"), [(4, [32, 16, 8, 4], [8, 16, 16, 16]),
+                                                                  (8, [16, 8, 4, 2], [16, 16, 16, 16])])
+def test_tiny_ssd_maps(first_stride, cells, channels):
+    adapter = create_adapter("tiny_ssd", num_classes=K, width=16, first_stride=first_stride)
+    maps = list(adapter.model.backbone(torch.rand(2, 3, 128, 128)).values())
+    assert [m.shape[-1] for m in maps] == cells and [m.shape[1] for m in maps] == channels
+    per_cell = [4, 6, 6, 4]  # two squares + 2 (ratio 2) or 4 (ratios 2, 3) boxes, as SSD300
+    assert len(default_boxes(adapter)) == sum(c * c * n for c, n in zip(cells, per_cell))
+    images, targets = batch()
+    tap = adapter.forward_train(images, targets).features["conv4_3"]
+    assert tap.shape == (2, 16, 16, 16)  # the stride-8 map in both layouts
+    with pytest.raises(ValueError, match="multiple of"):
+        create_adapter("tiny_ssd", num_classes=K, size=32 * 3, first_stride=8)
+
+
+def test_dense_tiny_ssd_matches_every_object_with_several_default_boxes():
+    """The reason ``first_stride=4`` is the default: SSD matching (IoU >= 0.5) gives each object
+    several positives, and SRRS several supporting regions, as SSD300 does for VOC objects."""
+    g = torch.Generator().manual_seed(0)
+    side = torch.empty(300).uniform_(10, 80, generator=g)
+    centre = torch.rand(300, 2, generator=g) * (128 - side[:, None]) + side[:, None] / 2
+    objects = torch.cat([centre - side[:, None] / 2, centre + side[:, None] / 2], 1)
+    matched = {}
+    for first_stride in (4, 8):
+        adapter = create_adapter("tiny_ssd", num_classes=K, width=16, first_stride=first_stride)
+        matched[first_stride] = (box_iou(objects, default_boxes(adapter)) >= 0.5).sum(1)
+    assert matched[4].min() >= 3 and matched[4].float().mean() > 5
+    assert (matched[8] == 0).any() and matched[8].float().mean() < 2.5
 
 
 def test_tiny_ssd_overfits_one_batch():

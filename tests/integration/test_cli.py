@@ -111,6 +111,7 @@ def test_existing_run_is_not_overwritten(tiny_recipe, tmp_path):
         ("data.num_classes=5", "class_names"),
         ("data.source.root=/nonexistent/gta", "data path /nonexistent/gta does not exist"),
         ("model.name=unet3000", "unknown adapter 'unet3000'"),
+        ("model.name=smp_unet", "Unet got an unexpected keyword argument 'width'"),  # smp alone would ignore it
         ("policy.name=cbst_sp", "needs policy.prior"),
         ("policy.prior=/nonexistent/prior.npz", "only used by st_sp and cbst_sp"),
         ("data.source.options.colour=1", "no option 'colour'"),

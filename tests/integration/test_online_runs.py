@@ -13,7 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from selftrain.build import build_target_dataset
 from selftrain.cli import main
+from selftrain.config import load_recipe
 from selftrain.store import open_round
 
 
@@ -42,6 +44,10 @@ def test_detection_policies_run_and_store_boxes(det_tiny_recipe, tmp_path, polic
         total = sum(len(f["labels"]) for f in found)
         assert recs[2]["pseudo"]["selected_pixels"] == np.bincount(
             np.concatenate([f["labels"] for f in found]).astype(int) - 1, minlength=6).tolist()
+        pseudo = recs[2]["pseudo"]  # the synthetic target has ground truth: precision is reported
+        assert [p is None for p in pseudo["precision"]] == [n == 0 for n in pseudo["selected_pixels"]]
+        assert (pseudo["precision_overall"] is None) == (total == 0)
+        assert all(0.0 <= p <= 1.0 for p in pseudo["precision"] if p is not None)
         if policy == "wst":  # threshold 0: every final detection is kept, with its SRRS
             assert total > 0 and all(np.isfinite(f["srrs"]).all() for f in found)
         else:
@@ -74,14 +80,19 @@ def test_online_resume_equals_an_uninterrupted_run(det_tiny_recipe, tmp_path):
 def test_segmentation_mean_teacher(tiny_recipe, tmp_path):
     out = tmp_path / "mt"
     code, _, err = run_cli("run", tiny_recipe, "--set", "policy.name=mean_teacher", "--set",
-                           "policy.options={threshold: 0.5}", "--out", out, "--quiet")
+                           "policy.options={threshold: 0.14}", "--out", out, "--quiet")
     assert code == 0, err
     recs = records(out)
     assert recs[2]["phase"] == "online" and math.isfinite(recs[2]["eval"]["miou"]) and "tgt/ce" in recs[1]["losses"]
     with open_round(out / "pseudo" / "round_001.h5") as reader:
         labels = np.stack([reader.labels(i) for i in range(len(reader))])
         conf = np.stack([reader.confidence(i) for i in range(len(reader))])
-    assert ((labels == 255) == (conf < 0.5)).mean() > 0.99  # float16 rounding at the threshold aside
+    assert 0.1 < (labels == 255).mean() < 0.9  # the tiny model's confidence is about 0.14 everywhere
+    assert ((labels == 255) == (conf < 0.14)).mean() > 0.99  # float16 rounding at the threshold aside
+    target, _ = build_target_dataset(load_recipe(out / "config.yaml"))  # precision against the ground truth
+    truth = np.stack([target.ground_truth(i) for i in range(len(target))])
+    kept = labels != 255
+    assert recs[1]["pseudo"]["precision_overall"] == pytest.approx((labels[kept] == truth[kept]).mean(), abs=1e-9)
 
 
 @pytest.mark.parametrize("setting, message", [

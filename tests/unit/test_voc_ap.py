@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from selftrain.metrics import voc_ap
+from selftrain.metrics import BoxPrecision, box_hits, voc_ap
 
 # --- reference: py-faster-rcnn lib/datasets/voc_eval.py, adapted ------------------------------
 # Changes from the original, each to follow the devkit or our box convention:
@@ -34,7 +34,7 @@ def ref_ap(rec, prec, use_07_metric=False):
     return ap
 
 
-def ref_eval(dets, gts, classname, ovthresh=0.5, use_07_metric=False):
+def ref_eval(dets, gts, classname, ovthresh=0.5, use_07_metric=False, counts=False):
     class_recs = {}
     npos = 0
     for imagename, g in enumerate(gts):
@@ -91,6 +91,8 @@ def ref_eval(dets, gts, classname, ovthresh=0.5, use_07_metric=False):
         else:
             fp[d] = 1.0
 
+    if counts:
+        return int(tp.sum()), int(fp.sum())
     if npos == 0:
         return float("nan")
     fp = np.cumsum(fp)
@@ -254,3 +256,30 @@ def test_bad_inputs_raise():
         voc_ap([det([A], [0.9], [1])], [gt([A], [1]), gt([A], [1])], 1)
     with pytest.raises(ValueError, match="label 0 outside 1..2"):
         voc_ap([det([A], [0.9], [0])], [gt([A], [1])], 2)
+
+
+# --- pseudo-box precision ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_box_precision_counts_the_reference_true_and_false_positives(seed):
+    dets, gts = random_scene(seed)
+    scored = BoxPrecision(K)
+    for d, g in zip(dets, gts):
+        scored.update(d, g)
+    want = [ref_eval(dets, gts, k, counts=True) for k in range(1, K + 1)]
+    assert scored.correct.tolist() == [tp for tp, _ in want]
+    assert scored.counted.tolist() == [tp + fp for tp, fp in want]
+    assert scored.precision()[5] is None and scored.precision()[4] == 0.0  # no boxes; boxes on no GT
+    assert scored.overall() == pytest.approx(sum(tp for tp, _ in want) / sum(tp + fp for tp, fp in want))
+
+
+def test_box_precision_by_hand():
+    scored = BoxPrecision(2)
+    # class 1: A twice (one correct, one duplicate), B on a difficult box (not counted); class 2: a miss
+    boxes, truth = det([A, A, B, B], [0.8, 0.9, 0.7, 0.6], [1, 1, 1, 2]), gt([A, B], [1, 1], [False, True])
+    assert box_hits(boxes, truth, 2).tolist() == [0, 1, -1, 0]  # the higher score takes the object
+    scored.update(boxes, truth)
+    scored.update(det([], [], []), gt([A], [2]))  # an image without boxes changes nothing
+    assert scored.precision() == [0.5, 0.0] and scored.overall() == pytest.approx(1 / 3)
+    assert BoxPrecision(2).overall() is None
