@@ -26,8 +26,8 @@ resnet38       124,033,363   ~124M, the size quoted for CBST's ResNet-38 (not fo
 
 Every model returns logits at its output stride (8 here); :class:`SegmentationAdapter` upsamples
 them bilinearly to the input size. Weights come only from local files (``backbone_weights``).
-DeepLab-v2 trains its classifier at 10x the backbone learning rate; that needs parameter groups,
-which adapters do not expose yet.
+DeepLab-v2 trains its classifier at 10x the backbone learning rate: ``optim.head_lr_mult: 10`` in a
+recipe, with the classifier of every backbone + classifier model as the adapter's head.
 """
 
 from __future__ import annotations
@@ -185,8 +185,11 @@ def _linear_to_conv(module: FCN8s, state: dict[str, Any], prefix: str, *_: Any) 
 
 
 def _adapter(model: nn.Module, num_classes: int, ignore_index: int, channels_last: bool) -> SegmentationAdapter:
+    """The head is the classifier on top of the backbone (DeepLab-v2's ASPP; FCN-8s has none: its
+    fc6/fc7 come from VGG and its score layers sit at three depths)."""
+    head = model.classifier if isinstance(model, BackboneHead) else None
     return SegmentationAdapter(model=model, num_classes=num_classes, ignore_index=ignore_index,
-                               channels_last=channels_last)
+                               channels_last=channels_last, head=head)
 
 
 @ADAPTERS.register("deeplabv2")

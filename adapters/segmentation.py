@@ -28,14 +28,17 @@ class SegmentationAdapter:
     ``predict(images)`` runs in eval mode without gradients and returns a :class:`SegPrediction`
     for the whole batch; ``forward_train(images, targets)`` runs in train mode and returns
     ``StepOutputs(losses={"ce": ...}, logits, features)``. Shapes: images [B, 3, H, W] float32,
-    targets [B, H, W] int64 with ``ignore_index``.
+    targets [B, H, W] int64 with ``ignore_index``. ``head_parameters()`` lists the classifier on
+    top of the backbone (smp's segmentation head, DeepLab-v2's ASPP), or None, for
+    ``optim.head_lr_mult``.
     """
 
     task = "segmentation"
 
     def __init__(self, *, model: nn.Module, num_classes: int, ignore_index: int = 255,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, head: nn.Module | None = None) -> None:
         self.model = model
+        self.head = head  # the layers on top of the pretrained backbone (``head_parameters``)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         # NHWC runs oneDNN convolutions about 20 % faster on CPU for these models.
@@ -48,6 +51,11 @@ class SegmentationAdapter:
 
     def parameters(self):
         return self.model.parameters()
+
+    def head_parameters(self) -> list[nn.Parameter] | None:
+        """The classifier's parameters, which ``optim.head_lr_mult`` trains at a higher learning rate
+        (DeepLab's 10x on ASPP); None for a model without a separate head."""
+        return None if self.head is None else list(self.head.parameters())
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> SegPrediction:
@@ -128,7 +136,7 @@ def _register_smp(name: str, arch: str, default_encoder: str) -> None:
         model = _smp_model(arch, num_classes=num_classes, encoder=encoder,
                            encoder_weights=encoder_weights, **options)
         return SegmentationAdapter(model=model, num_classes=num_classes, ignore_index=ignore_index,
-                                   channels_last=channels_last)
+                                   channels_last=channels_last, head=model.segmentation_head)
 
     build.__doc__ = f"segmentation-models-pytorch {arch} (encoder {default_encoder} by default)."
     ADAPTERS.register(name)(build)
@@ -159,5 +167,5 @@ class TinySegNet(nn.Module):
 @ADAPTERS.register("tiny_seg")
 def tiny_seg(*, num_classes: int, ignore_index: int = 255, width: int = 16) -> SegmentationAdapter:
     """The tiny test segmenter (stride 2, upsampled to the input size)."""
-    return SegmentationAdapter(model=TinySegNet(num_classes, width), num_classes=num_classes,
-                               ignore_index=ignore_index)
+    model = TinySegNet(num_classes, width)
+    return SegmentationAdapter(model=model, num_classes=num_classes, ignore_index=ignore_index, head=model.head)

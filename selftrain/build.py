@@ -13,7 +13,7 @@ from .config import DatasetSpec, RunConfig, to_yaml
 from .data.datasets import build_dataset
 from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
-from .training import OptimSpec, seed_everything
+from .training import OptimSpec, parameter_groups, seed_everything
 from .tasks import build_task
 from .tta import TestTimeAugment
 
@@ -80,6 +80,11 @@ def build_adapter(cfg: RunConfig) -> Any:
         adapter = builder(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"model.options do not fit adapter {cfg.model.name}: {exc}") from None
+    for key, optim in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim)):
+        try:
+            parameter_groups(adapter, optim.head_lr_mult)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{exc} (model {cfg.model.name})") from None
     if getattr(adapter, "task", "segmentation") != cfg.task:
         raise ConfigError(f"adapter {cfg.model.name} is a {adapter.task} model but the recipe's task is {cfg.task}; "
                           f"set task: {adapter.task} or pick a {cfg.task} adapter (`selftrain list adapters`)")

@@ -55,6 +55,8 @@ class OptimConfig:
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Learning rate of the model's head (classifier) relative to the rest: 10 for DeepLab-v2's ASPP.
+    head_lr_mult: float = 1.0
 
 
 @dataclass
@@ -327,6 +329,8 @@ def _check_values(cfg: RunConfig) -> None:
         (cfg.rounds.batch_source >= 0 and cfg.rounds.batch_target >= 1, "rounds.batch_target must be >= 1"),
         (cfg.rounds.steps is None or cfg.rounds.steps >= 1, "rounds.steps must be >= 1 (or null for target_epochs)"),
         (cfg.source_training.steps >= 0, "source_training.steps must be >= 0"),
+        (cfg.source_training.optim.head_lr_mult > 0 and cfg.rounds.optim.head_lr_mult > 0,
+         "optim.head_lr_mult must be positive (1: the head trains at the same learning rate)"),
         (cfg.data.class_names is None or len(cfg.data.class_names) == cfg.data.num_classes,
          "data.class_names must list data.num_classes names"),
         (cfg.augment.crop is None or len(cfg.augment.crop) == 2, "augment.crop must be [height, width]"),

@@ -25,7 +25,8 @@ from .store import PseudoLabelWriter, open_round
 from .tasks import StoredLabels
 from .tta import TestTimeAugment
 from .teachers import make_teacher
-from .training import OptimSpec, batches, make_optimizer, make_scheduler, seed_everything, train_steps
+from .training import (OptimSpec, batches, make_optimizer, make_scheduler, parameter_groups, seed_everything,
+                       train_steps)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Engine:
         gen = seed_everything(self._seed(0))
         stream = batches(self._augmented(self.data.source), phase.batch_size, gen, self.data.num_workers,
                          collate_fn=self.task.collate)
-        optimizer = make_optimizer(self.adapter.parameters(), phase.optim)
+        optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
         scheduler = make_scheduler(optimizer, phase.lr_schedule, phase.steps)
 
         def step() -> dict[str, torch.Tensor]:
@@ -196,7 +197,7 @@ class Engine:
         target = self._augmented(PseudoLabeled(self.data.target, reader), self._mine(predicted_pixels))
         target_stream = batches(target, self.plan.batch_target, gen, self.data.num_workers, collate_fn=self.task.collate)
         source_stream = self._source_stream(spec, gen)
-        optimizer = make_optimizer(self.adapter.parameters(), self.plan.optim, lr=spec.lr)
+        optimizer = make_optimizer(self._param_groups(), self.plan.optim, lr=spec.lr)
         scheduler = make_scheduler(optimizer, "constant", spec.steps)
 
         def step() -> dict[str, torch.Tensor]:
@@ -208,6 +209,9 @@ class Engine:
                                desc=f"round {spec.index}: fine-tune")
         finally:
             reader.close()
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return parameter_groups(self.adapter, self.plan.optim.head_lr_mult)
 
     def _losses(self, prefix: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One forward per domain; the adapter's named losses under ``prefix/``."""
@@ -227,7 +231,7 @@ class Engine:
         target = batches(self._augmented(self.data.target), self.plan.batch_target, gen, self.data.num_workers,
                          collate_fn=self.task.collate)
         source_stream = self._source_stream(spec, gen)
-        optimizer = make_optimizer(self.adapter.parameters(), self.plan.optim, lr=spec.lr)
+        optimizer = make_optimizer(self._param_groups(), self.plan.optim, lr=spec.lr)
         done, total = self._steps_before(spec.index), sum(r.steps for r in self.plan.rounds)
         counter = iter(range(spec.steps))
 

@@ -125,7 +125,11 @@ def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = 
     """Statistics of one pseudo-label file plus the matching metrics record."""
     meta, pseudo = reader.meta, record.get("pseudo") or {}
     counts, share = _counts(reader, recount)
-    thresholds = None if reader.thresholds is None else [float(t) for t in reader.thresholds]
+    # offline policies store their thresholds in the file, online ones only in metrics.jsonl
+    stored = reader.thresholds if reader.thresholds is not None else pseudo.get("thresholds")
+    thresholds = None if stored is None else [float(t) for t in stored]
+    if thresholds is not None and all(math.isnan(t) for t in thresholds):
+        thresholds = None
     metric, score = _score(record)
     return RoundStats(
         round=int(meta["round"]), policy=meta.get("policy"), portion=_float(meta.get("portion")), images=len(reader),

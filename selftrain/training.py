@@ -22,10 +22,29 @@ class OptimSpec:
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    head_lr_mult: float = 1.0
+
+
+def parameter_groups(adapter: Any, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """The adapter's parameters as optimiser groups: one, or with ``head_lr_mult != 1`` the body and
+    the head (``adapter.head_parameters()``), the head's ``lr_mult`` = ``head_lr_mult`` (DeepLab-v2
+    and AdaptSegNet: 10 for the ASPP classifier). A model without a head raises ValueError."""
+    params = list(adapter.parameters())
+    if head_lr_mult == 1.0:
+        return [{"params": params}]
+    head = adapter.head_parameters() if hasattr(adapter, "head_parameters") else None
+    if not head:
+        raise ValueError(f"optim.head_lr_mult is {head_lr_mult} but this model has no separate head; set it to 1")
+    ids = {id(p) for p in head}
+    return [{"params": [p for p in params if id(p) not in ids]}, {"params": head, "lr_mult": head_lr_mult}]
 
 
 def make_optimizer(params, spec: OptimSpec, lr: float | None = None) -> torch.optim.Optimizer:
+    """``params``: tensors or groups from :func:`parameter_groups`; a group's ``lr_mult`` scales ``lr``."""
     lr = spec.lr if lr is None else lr
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": lr * g.get("lr_mult", 1.0)} for g in params]
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     if spec.name == "adam":

@@ -7,6 +7,7 @@ import torch
 
 from selftrain.adapters import ADAPTERS, create_adapter
 from selftrain.errors import DataError
+from selftrain.training import OptimSpec, make_optimizer, parameter_groups
 from selftrain.types import SegPrediction, StepOutputs
 
 SMALL = {"smp_deeplabv3plus": {"encoder": "resnet18"}, "smp_deeplabv3": {"encoder": "resnet18"},
@@ -95,3 +96,39 @@ def test_encoder_weights_come_from_a_local_file_only(tmp_path):
     torch.save({"unrelated": torch.zeros(3)}, path)
     with pytest.raises(DataError, match="matches none"):
         create_adapter("smp_unet", num_classes=3, encoder="resnet18", encoder_weights=str(path))
+
+
+# --------------------------------------------------------------------------- head learning rate
+
+
+@pytest.mark.parametrize("name, options", [("tiny_seg", {}), ("deeplabv2", {"depth": 50}),
+                                           ("smp_unet", {"decoder_channels": [16, 16, 16, 16, 16]})])
+def test_head_trains_at_its_multiple_of_the_learning_rate(name, options):
+    """DeepLab-v2 / AdaptSegNet: the classifier at 10x. One plain SGD step moves the head by
+    10 x lr x grad and the body by lr x grad."""
+    torch.manual_seed(0)
+    adapter = create_adapter(name, num_classes=4, **options)
+    adapter.model.double()  # float64: the update equals lr x grad to rounding
+    head = adapter.head_parameters()
+    groups = parameter_groups(adapter, 10.0)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in head} and groups[1]["lr_mult"] == 10.0
+    assert len(groups[0]["params"]) + len(head) == len(list(adapter.parameters()))
+    assert len(parameter_groups(adapter, 1.0)) == 1
+    optimizer = make_optimizer(groups, OptimSpec(name="sgd", lr=1e-3, momentum=0.0, weight_decay=0.0))
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-2]
+    before = [p.detach().clone() for p in adapter.parameters()]
+    images, labels = torch.rand(2, 3, 64, 64, dtype=torch.float64), torch.randint(0, 4, (2, 64, 64))
+    adapter.forward_train(images, labels).losses["ce"].backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in adapter.parameters()]
+    optimizer.step()
+    ids = {id(p) for p in head}
+    for p, b, g in zip(adapter.parameters(), before, grads):
+        if g is not None:
+            torch.testing.assert_close(b - p.detach(), (1e-2 if id(p) in ids else 1e-3) * g, rtol=1e-6, atol=1e-12)
+
+
+def test_models_without_a_head_refuse_a_head_learning_rate():
+    with pytest.raises(ValueError, match="no separate head"):
+        parameter_groups(create_adapter("fcn8s_vgg16", num_classes=4, width=8), 10.0)
+    with pytest.raises(ValueError, match="no separate head"):
+        parameter_groups(create_adapter("tiny_ssd", num_classes=4, width=16), 10.0)

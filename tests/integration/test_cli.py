@@ -126,6 +126,15 @@ def test_bad_recipe_input_is_one_line_and_exit_2(tiny_recipe, tmp_path, override
     assert not (out / "checkpoints").exists()
 
 
+def test_head_learning_rate_needs_a_model_with_a_head(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    code, output = run_cli("run", str(tiny_recipe), "--out", str(out), "--set", "model.name=fcn8s_vgg16",
+                           "--set", "source_training.optim.head_lr_mult=10")
+    assert code == 2 and len(output.strip().splitlines()) == 1
+    assert "source_training.optim.head_lr_mult is 10.0 but this model has no separate head" in output
+    assert "fcn8s_vgg16" in output and not (out / "checkpoints").exists()
+
+
 def write_folder(root: Path, n: int = 3, label_value: int = 1) -> Path:
     for sub in ("images", "labels"):
         (root / sub).mkdir(parents=True, exist_ok=True)

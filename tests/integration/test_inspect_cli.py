@@ -158,10 +158,15 @@ def test_detection_summary_and_diff(tmp_path):
     write_detection_round(run / "pseudo" / "round_001.h5", 1, [[(0, 0, 10, 10, 1), (20, 20, 40, 40, 2)], []])
     write_detection_round(run / "pseudo" / "round_002.h5", 2,
                           [[(1, 0, 10, 10, 1), (20, 20, 40, 40, 3)], [(5, 5, 9, 9, 2), (50, 50, 60, 60, 2)]])
+    pseudo = {"selected_pixels": [1, 2, 1], "thresholds": [0.8] * 3, "precision": [1.0, 0.5, None],
+              "precision_overall": 2 / 3}  # what an online round writes: its threshold lives only here
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "phase": "online", "pseudo": pseudo}) + "\n")
     code, out, err = run_cli("labels", "summary", run, "--json")
     assert code == 0, err
     rows = {row["round"]: row for row in json.loads(out)["rounds"]}
     assert rows[1]["counts"] == [1, 1, 0] and rows[2]["counts"] == [1, 2, 1] and rows[2]["unit"] == "boxes"
+    assert rows[1]["thresholds"] is None and rows[2]["thresholds"] == [0.8] * 3
+    assert rows[2]["precision"] == [1.0, 0.5, None] and rows[2]["precision_overall"] == pytest.approx(2 / 3)
     code, out, _ = run_cli("labels", "diff", run, 1, 2, "--json")
     doc = json.loads(out)
     assert doc["kept"] == [1, 0, 0] and doc["added"] == [0, 2, 0]

@@ -46,6 +46,7 @@ def test_unknown_top_level_key(tmp_path):
         ("rounds: {lr_decay: half}\n", r"rounds\.lr_decay is 'half'; choose one of: constant, sqrt2"),
         ("data: {source: [1, 2]}\n", r"data\.source must be a mapping"),
         ("rounds: {portion: {start: 1.5, step: 0.1, max: 0.5}}\n", r"portion values must be in"),
+        ("rounds: {optim: {head_lr_mult: 0}}\n", r"optim\.head_lr_mult must be positive"),
     ],
 )
 def test_wrong_types_and_values(tmp_path, text, message):
