@@ -508,3 +508,66 @@ def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) ->
 
 _register_faster_rcnn("fasterrcnn_resnet50_fpn", "resnet50", 800, 1333)
 _register_faster_rcnn("fasterrcnn_mobilenet", "mobilenet_v3_large", 800, 1333)
+
+
+class VGG16Conv5(nn.Module):
+    """VGG-16 from conv1_1 to conv5_3 and its ReLU (stride 16, 512 channels), one map named "0"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*vgg16_features().features[:30])  # drops pool5
+        self.out_channels = 512
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict([("0", self.features(x))])
+
+
+class VGG16BoxHead(nn.Module):
+    """VGG-16's fc6 and fc7 on 7x7 RoI features (keys ``classifier.0``/``classifier.3`` as in VGG)."""
+
+    def __init__(self, width: int = 4096) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, width), nn.ReLU(inplace=True), nn.Dropout(),
+                                        nn.Linear(width, width), nn.ReLU(inplace=True), nn.Dropout())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(x.flatten(1))
+
+
+@ADAPTERS.register("fasterrcnn_vgg16")
+def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, width: int = 4096,
+                     anchor_sizes: list[int] | None = None, trainable_backbone_layers: int | None = None,
+                     min_size: int = 600, max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                     detections_per_img: int = 100, raw_score_thresh: float = 0.01,
+                     raw_candidates: int = 1000) -> FasterRCNNAdapter:
+    """Faster R-CNN on VGG-16, the detector of DA Faster R-CNN, SWDA, SCDA and HTCN (py-faster-rcnn's).
+
+    conv5_3 features (stride 16, no FPN), anchors 128/256/512 px at ratios 0.5/1/2 (scales 8, 16,
+    32), 7x7 RoIAlign, VGG's fc6/fc7 as the box head (``width`` 4096; smaller only for tests);
+    images resized to a shorter side of 600 (at most 1000), test NMS 0.3. ``backbone_weights``: a
+    local torchvision ``vgg16`` state dict; ``features.*`` and ``classifier.0``/``classifier.3``
+    (fc6/fc7, needs ``width=4096``) load. With weights, conv1 and conv2 stay frozen as in
+    py-faster-rcnn (``trainable_backbone_layers`` 3 of 5 VGG stages); without, all train.
+    """
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    trainable = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if backbone_weights else 5)
+    if not 0 <= trainable <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5 for VGG-16, got {trainable}")
+    backbone, head = VGG16Conv5(), VGG16BoxHead(width)
+    if backbone_weights:
+        vgg = nn.Module()
+        vgg.features, vgg.classifier = backbone.features, head.classifier
+        load_weights(vgg, backbone_weights, "VGG-16")
+    first_trainable = [0, 5, 10, 17, 24, 30][5 - trainable]  # VGG-16 stage boundaries in ``features``
+    for p in backbone.features[:first_trainable].parameters():
+        p.requires_grad_(False)
+    sizes = tuple(anchor_sizes or (128, 256, 512))
+    model = FasterRCNN(backbone, None, min_size=min_size, max_size=max_size,
+                       rpn_anchor_generator=AnchorGenerator((sizes,), ((0.5, 1.0, 2.0),)),
+                       box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2), box_head=head,
+                       box_predictor=FastRCNNPredictor(width, num_classes + 1), box_score_thresh=score_thresh,
+                       box_nms_thresh=nms_thresh, box_detections_per_img=detections_per_img)
+    return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
+                             raw_candidates=raw_candidates)

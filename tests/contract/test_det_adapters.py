@@ -16,7 +16,8 @@ K = 3
 SSD_LOSSES, RCNN_LOSSES = {"cls", "box"}, {"rpn_cls", "rpn_box", "roi_cls", "roi_box"}
 SMALL = {"tiny_ssd": {}, "ssd300_vgg16": {},
          "fasterrcnn_mobilenet": {"min_size": 128, "max_size": 128},
-         "fasterrcnn_resnet50_fpn": {"min_size": 128, "max_size": 128}}
+         "fasterrcnn_resnet50_fpn": {"min_size": 128, "max_size": 128},
+         "fasterrcnn_vgg16": {"min_size": 128, "max_size": 128, "width": 64}}
 SLOW = {"ssd300_vgg16", "fasterrcnn_resnet50_fpn"}  # a forward pass costs seconds on a CPU
 DETECTORS = sorted(n for n in ADAPTERS.names() if ADAPTERS.get(n).__module__.endswith(".detection"))
 
@@ -293,7 +294,8 @@ def test_tiny_ssd_overfits_one_batch():
         assert ((iou > 0.5) & same).any(1).all()
 
 
-@pytest.mark.parametrize("detector", ["ssd300_vgg16", "fasterrcnn_mobilenet", "fasterrcnn_resnet50_fpn"])
+@pytest.mark.parametrize("detector", ["ssd300_vgg16", "fasterrcnn_mobilenet", "fasterrcnn_resnet50_fpn",
+                                      "fasterrcnn_vgg16"])
 def test_backbone_weights_come_from_a_local_file_only(tmp_path, detector):
     with pytest.raises(DataError, match="never downloads"):
         create_adapter(detector, num_classes=K, backbone_weights=str(tmp_path / "missing.pth"))
@@ -310,6 +312,28 @@ def test_vgg_backbone_weights_land_in_the_ssd_backbone(tmp_path):
     assert torch.equal(backbone.features[0].weight, features[0].weight)  # conv1_1
     assert torch.equal(backbone.extra[0][5].weight, features[28].weight)  # conv5_3, after maxpool4
     assert not backbone.features[0].weight.requires_grad and backbone.features[5].weight.requires_grad
+
+
+def test_faster_rcnn_vgg16_is_the_adaptive_detection_papers_detector(tmp_path):
+    """conv5_3 at stride 16, fc6/fc7 from VGG's classifier, conv1-2 frozen with weights, 137 M
+    parameters at 8 foreground classes + background (Cityscapes -> Foggy)."""
+    from torchvision.models import vgg16
+
+    torch.manual_seed(3)
+    reference = vgg16(weights=None, num_classes=10)
+    path = tmp_path / "vgg16.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_adapter("fasterrcnn_vgg16", num_classes=8, backbone_weights=str(path)).model
+    assert torch.equal(model.backbone.features[28].weight, reference.features[28].weight)  # conv5_3
+    assert torch.equal(model.roi_heads.box_head.classifier[3].weight, reference.classifier[3].weight)  # fc7
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert frozen == [f"features.{i}.{k}" for i in (0, 2, 5, 7) for k in ("weight", "bias")]
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(136.8e6, rel=0.01)
+    features = model.backbone(torch.rand(1, 3, 160, 224))["0"]
+    assert features.shape == (1, 512, 10, 14)  # stride 16
+    assert model.rpn.anchor_generator.sizes == ((128, 256, 512),) and model.transform.min_size == (600,)
+    with pytest.raises(DataError, match="does not fit"):  # fc6/fc7 of width 64 cannot take VGG's
+        create_adapter("fasterrcnn_vgg16", num_classes=8, backbone_weights=str(path), width=64)
 
 
 @pytest.mark.parametrize("ours, theirs", [
