@@ -51,6 +51,13 @@ class ConfusionMatrix:
         total = int(self.matrix.sum())
         return float(self.matrix.diag().sum()) / total if total else float("nan")
 
+    def precision_report(self) -> tuple[list[float | None] | None, float | None]:
+        """Pseudo-label precision as metrics.jsonl records it: per class (None where nothing was
+        predicted) and overall; (None, None) when no labelled pixel was counted."""
+        if int(self.matrix.sum()) == 0:
+            return None, None
+        return [None if np.isnan(v) else float(v) for v in self.precision()], self.accuracy()
+
 
 def miou(pred, gt, num_classes: int, ignore_index: int = 255) -> tuple[float, np.ndarray]:
     """Mean IoU over the classes present in ground truth or prediction, and per-class IoU [C]."""

@@ -135,10 +135,7 @@ def target_ground_truth(dataset, indices: range) -> torch.Tensor | None:
 
 def _result(policy, thresholds: torch.Tensor, selected: torch.Tensor, cm: ConfusionMatrix) -> LabelingResult:
     predicted = policy.predicted_pixels
-    precision = overall = None
-    if int(cm.matrix.sum()) > 0:
-        precision = [None if np.isnan(v) else float(v) for v in cm.precision()]
-        overall = cm.accuracy()
+    precision, overall = cm.precision_report()
     return LabelingResult(
         thresholds=[float(t) for t in thresholds], predicted_pixels=[int(v) for v in predicted],
         selected_pixels=[int(v) for v in selected], precision=precision,

@@ -85,10 +85,7 @@ class SegmentationTask:
                 cm.update(labels, gt)
             start += len(labels)
         writer.finish(selected_pixels=counts.numpy())
-        if int(cm.matrix.sum()) == 0:
-            return StoredLabels(counts.tolist())
-        return StoredLabels(counts.tolist(), [None if math.isnan(v) else float(v) for v in cm.precision()],
-                            cm.accuracy())
+        return StoredLabels(counts.tolist(), *cm.precision_report())
 
 
 def synthia_miou13(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
@@ -164,25 +161,16 @@ class DetectionTask:
                 counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
                 writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
                                      m["srrs"].numpy())
-                truth = _score_boxes(scored, m, truth, index)
+                if truth is not None:  # reporting only; an image without ground truth ends the scoring
+                    try:
+                        scored.update(m, truth(index))
+                    except (DataError, FileNotFoundError):
+                        truth = None
                 index += 1
         writer.finish()
         if truth is None:
             return StoredLabels(counts.tolist())
         return StoredLabels(counts.tolist(), scored.precision(), scored.overall())
-
-
-def _score_boxes(scored: BoxPrecision, boxes: dict[str, torch.Tensor], truth, index: int):
-    """Add one image to ``scored`` when the target set has its ground truth; returns the reader,
-    or None from the first image without one on (an unlabelled target set: no precision)."""
-    if truth is None:
-        return None
-    try:
-        gt = truth(index)
-    except (DataError, FileNotFoundError):
-        return None
-    scored.update(boxes, gt)
-    return truth
 
 
 def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
