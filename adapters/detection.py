@@ -69,6 +69,7 @@ class DetectionAdapter:
     """What SSD and Faster R-CNN adapters share: input/target checks, raw candidates, state."""
 
     task = "detection"
+    dense_logits = False  # True when ``forward_train``'s logits hold one row per default box (SSD)
 
     def __init__(self, *, model: nn.Module, num_classes: int, raw_score_thresh: float = 0.01,
                  raw_candidates: int = 1000) -> None:
@@ -162,6 +163,20 @@ def check_mode(negatives: str) -> None:
 
 class SSDAdapter(DetectionAdapter):
     """A torchvision :class:`SSD` (VGG-16 SSD300 or tiny_ssd) whose loss is computed here."""
+
+    dense_logits = True
+
+    def feature_channels(self) -> dict[str, int]:
+        """Named feature taps of ``forward_train`` and their channels: ``conv4_3`` (after relu4_3)."""
+        convs = [m for m in self.model.backbone.features.modules() if isinstance(m, nn.Conv2d)]
+        return {"conv4_3": convs[-1].out_channels}
+
+    def trunk_end(self) -> nn.Module:
+        """The last module every detection map depends on, where a gradient reversal layer splits the
+        network into feature extractor and classifier (BSR): relu4_3 in SSD300, the stride-4 stage
+        of tiny_ssd with ``first_stride: 4``."""
+        backbone = self.model.backbone
+        return backbone.trunk_end if hasattr(backbone, "trunk_end") else backbone.features[-1]
 
     @torch.no_grad()
     def predict(self, images: Tensor | list[Tensor]) -> list[DetPrediction]:
@@ -262,6 +277,11 @@ class TinySSDBackbone(nn.Module):
         self.first_stride = first_stride
         self.out_channels = [width] * 4 if first_stride == 8 else [half] + [width] * 3
 
+    @property
+    def trunk_end(self) -> nn.Module:
+        """The stage whose output feeds every map (the first map's)."""
+        return self.features[2] if self.first_stride == 4 else self.features[-1]
+
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         maps = []
         for i, stage in enumerate(self.features):
@@ -360,6 +380,11 @@ def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel
 
 class FasterRCNNAdapter(DetectionAdapter):
     """A torchvision :class:`FasterRCNN` run step by step so that background sampling can be weakened."""
+
+    def feature_channels(self) -> dict[str, int]:
+        """Feature maps of ``forward_train`` (one per anchor level, ``backbone.0`` finest) and their channels."""
+        levels = len(self.model.rpn.anchor_generator.sizes)
+        return {f"backbone.{i}": self.model.backbone.out_channels for i in range(levels)}
 
     @torch.no_grad()
     def predict(self, images: Tensor | list[Tensor]) -> list[DetPrediction]:

@@ -13,6 +13,7 @@ from .config import DatasetSpec, RunConfig, to_yaml
 from .data.datasets import build_dataset
 from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
+from .losses import LOSSES, LossTerms, WeightedTerm
 from .training import OptimSpec, parameter_groups, seed_everything
 from .tasks import build_task
 from .tta import TestTimeAugment
@@ -131,6 +132,29 @@ def build_plan(cfg: RunConfig, n_target: int) -> Plan:
                 init_checkpoint=cfg.model.checkpoint)
 
 
+def build_loss_terms(cfg: RunConfig, adapter: Any) -> LossTerms:
+    """The recipe's extra loss terms, checked against the model, the task and the schedule."""
+    entries, seen = [], {}
+    for i, spec in enumerate(cfg.losses):
+        where = f"losses[{i}] ({spec.name})"
+        builder = LOSSES.get(spec.name)
+        try:
+            term = builder(**spec.options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: options do not fit: {exc}") from None
+        term.attach(adapter, cfg.task)
+        if not spec.phases:
+            raise ConfigError(f"{where}: phases is empty; list source, rounds or both")
+        if "rounds" in spec.phases and "source" in term.needs and cfg.rounds.count and (
+                cfg.rounds.batch_source == 0 or cfg.rounds.source_share.start <= 0):
+            raise ConfigError(f"{where} needs source images in the rounds; set rounds.batch_source >= 1 and "
+                              "rounds.source_share.start > 0, or phases: [source]")
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        key = spec.name if seen[spec.name] == 1 else f"{spec.name}{seen[spec.name]}"
+        entries.append(WeightedTerm(key=key, weight=spec.weight, term=term, phases=tuple(dict.fromkeys(spec.phases))))
+    return LossTerms(entries)
+
+
 def resolve_device(name: str) -> str:
     """``auto`` is cuda when a GPU is visible, else cpu; a named GPU must exist."""
     if name == "auto":
@@ -155,8 +179,9 @@ def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
     seed_everything(cfg.seed)  # the model's initial weights depend on the seed alone
     plan = build_plan(cfg, len(data.target))
     task = build_task(cfg.task, data, mine_probability=plan.mining.probability, use_07=cfg.eval.use_07)
+    adapter = build_adapter(cfg)
     return Engine(
-        adapter=build_adapter(cfg), policy=build_policy(cfg), data=data, plan=plan, task=task,
+        adapter=adapter, policy=build_policy(cfg), data=data, plan=plan, task=task,
         run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=device,
-        callbacks=default_callbacks(),
+        callbacks=default_callbacks(), terms=build_loss_terms(cfg, adapter),
     )

@@ -108,12 +108,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, *, round_index: int, model: dict, recipe_yaml: str, optimizer: dict | None = None,
                     scheduler: dict | None = None, policy: dict | None = None, metrics: dict | None = None,
-                    teacher: dict | None = None) -> None:
+                    teacher: dict | None = None, loss_terms: dict | None = None) -> None:
     """Write a checkpoint atomically; it carries the resolved recipe so it describes itself."""
     state = {
         "round": round_index, "model": model, "optimizer": optimizer, "scheduler": scheduler, "policy": policy,
         "rng": rng_state(), "recipe": recipe_yaml, "metrics": metrics, "selftrain_version": __version__,
-        "teacher": teacher,
+        "teacher": teacher, "loss_terms": loss_terms,
     }
     with atomic_path(path, suffix=".pt.tmp") as tmp:
         torch.save(state, tmp)

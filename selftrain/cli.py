@@ -250,13 +250,20 @@ def labels_export(run: str, round_index: int, fmt: str, out: str) -> None:
 
 
 @main.command("list")
-@click.argument("what", type=click.Choice(["adapters", "policies", "datasets"]))
+@click.argument("what", type=click.Choice(["adapters", "policies", "losses", "datasets"]))
 def list_cmd(what: str) -> None:
-    """List the registered adapters, policies or data sets."""
+    """List the registered adapters, policies, loss terms or data sets."""
     if what == "adapters":
         from selftrain.adapters import ADAPTERS as reg
     elif what == "policies":
         from .policies import POLICIES as reg
+    elif what == "losses":
+        from .losses import LOSSES
+
+        for name in LOSSES.names():
+            term = LOSSES.get(name)
+            click.echo(f"{name}  ({', '.join(term.tasks)})")
+        return
     else:
         from .data.datasets import DATASETS as reg
         from .data.detsets import DET_DATASETS

@@ -138,6 +138,17 @@ class EvalConfig:
 
 
 @dataclass
+class LossConfig:
+    """An extra loss term (``selftrain list losses``): added to the task losses times ``weight`` in
+    the ``phases`` it names ("source": round 0, "rounds": the self-training rounds)."""
+
+    name: str
+    weight: float = 1.0
+    phases: list[Literal["source", "rounds"]] = field(default_factory=lambda: ["source", "rounds"])
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -151,6 +162,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pseudo_batch_size: int = 8
+    losses: list[LossConfig] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ from torch.utils.data import Dataset, Subset
 
 from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, set_rng_state
 from .data.transforms import PseudoLabeled
+from .losses import LossTerms
 from .pseudo import label_target
 from .store import PseudoLabelWriter, open_round
 from .tasks import StoredLabels
 from .tta import TestTimeAugment
 from .teachers import make_teacher
+from .types import StepBatch, StepOutputs
 from .training import (OptimSpec, batches, make_optimizer, make_scheduler, parameter_groups, seed_everything,
                        train_steps)
 
@@ -110,6 +112,7 @@ class Engine:
     seed: int = 0
     device: str = "cpu"
     callbacks: list[Any] = field(default_factory=list)
+    terms: LossTerms = field(default_factory=LossTerms)  # extra loss terms (adversarial alignment)
 
     def __post_init__(self) -> None:
         if self.task is None:
@@ -117,10 +120,12 @@ class Engine:
 
             self.task = SegmentationTask(self.data, mine_probability=self.plan.mining.probability)
         self.teacher = None
+        self._last_step: StepBatch | None = None  # what the loss terms' discriminators learn from
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns one metrics record per round."""
         self.adapter.to(self.device)
+        self.terms.prepare(self.device)
         last = self.run_dir.prepare(self.recipe_yaml, resume)
         self._make_teacher()
         if last is not None:
@@ -157,12 +162,22 @@ class Engine:
                          collate_fn=self.task.collate)
         optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
         scheduler = make_scheduler(optimizer, phase.lr_schedule, phase.steps)
+        needs = self.terms.needs("source")
+        target = (batches(self._augmented(self.data.target), phase.batch_size, gen, self.data.num_workers,
+                          collate_fn=self.task.collate) if needs & {"target", "target_images"} else None)
+        counter = iter(range(phase.steps))
 
         def step() -> dict[str, torch.Tensor]:
-            return self._losses("src", next(stream))
+            i = next(counter)
+            source = self.task.supervised_step(self.adapter, next(stream), self.device)
+            batch = next(target) if target is not None else None
+            outputs = (self.adapter.forward_train(self.task.images(batch, self.device))
+                       if "target" in needs else None)
+            return self._step_losses("source", i, i / max(phase.steps, 1), source, outputs, batch)
 
-        return train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=phase.steps,
-                           desc="round 0: source")
+        losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=phase.steps,
+                             desc="round 0: source", after_step=self._discriminators("source"))
+        return {**losses, **self.terms.take_means()}
 
     # -- self-training rounds --------------------------------------------------------------------
 
@@ -199,24 +214,52 @@ class Engine:
         source_stream = self._source_stream(spec, gen)
         optimizer = make_optimizer(self._param_groups(), self.plan.optim, lr=spec.lr)
         scheduler = make_scheduler(optimizer, "constant", spec.steps)
+        done, total = self._steps_before(spec.index), sum(r.steps for r in self.plan.rounds)
+        counter = iter(range(spec.steps))
 
         def step() -> dict[str, torch.Tensor]:
-            losses = self._losses("src", next(source_stream)) if source_stream is not None else {}
-            return {**losses, **self._losses("tgt", next(target_stream))}
+            i = next(counter)
+            source = self._supervised(source_stream)
+            batch = next(target_stream)
+            target = self.task.supervised_step(self.adapter, batch, self.device)
+            return self._step_losses("rounds", i, (done + i) / max(total, 1), source, target, batch)
 
         try:
-            return train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=spec.steps,
-                               desc=f"round {spec.index}: fine-tune")
+            losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=spec.steps,
+                                 desc=f"round {spec.index}: fine-tune", after_step=self._discriminators("rounds"))
         finally:
             reader.close()
+        return {**losses, **self.terms.take_means()}
 
     def _param_groups(self) -> list[dict[str, Any]]:
         return parameter_groups(self.adapter, self.plan.optim.head_lr_mult)
 
-    def _losses(self, prefix: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One forward per domain; the adapter's named losses under ``prefix/``."""
-        losses = self.task.supervised_losses(self.adapter, batch, self.device)
-        return {f"{prefix}/{k}": v for k, v in losses.items()}
+    def _supervised(self, stream) -> StepOutputs | None:
+        return self.task.supervised_step(self.adapter, next(stream), self.device) if stream is not None else None
+
+    def _step_losses(self, phase: str, i: int, progress: float, source: StepOutputs | None,
+                     target: StepOutputs | None, target_batch: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        """The adapter's named losses per domain (``src/``, ``tgt/``), then the extra loss terms'."""
+        losses = {f"src/{k}": v for k, v in source.losses.items()} if source is not None else {}
+        if target is not None:
+            losses.update({f"tgt/{k}": v for k, v in target.losses.items()})
+        if self.terms.needs(phase):
+            images = self.task.images(target_batch, self.device) if target_batch is not None else None
+            self._last_step = StepBatch(source=source, target=target, step=i, progress=progress,
+                                        adapter=self.adapter, target_images=images)
+            losses.update(self.terms.losses(self._last_step, phase))
+        return losses
+
+    def _discriminators(self, phase: str, then=None):
+        """``after_step``: the loss terms' discriminators learn from the step just taken, then ``then(i)``."""
+        def after(i: int) -> None:
+            if self.terms.needs(phase):
+                self.terms.discriminator_step(self._last_step, phase)
+                self._last_step = None  # the step's outputs are not kept past it
+            if then is not None:
+                then(i)
+
+        return after
 
     # -- online rounds (WST, mean teacher) ------------------------------------------------------
 
@@ -237,13 +280,16 @@ class Engine:
 
         def step() -> dict[str, torch.Tensor]:
             i = next(counter)
-            losses = self._losses("src", next(source_stream)) if source_stream is not None else {}
-            target_losses = self.task.online_losses(self.adapter, self.teacher, self.policy, next(target),
-                                                    device=self.device, progress=(done + i) / max(total, 1))
-            return {**losses, **{f"tgt/{k}": v for k, v in target_losses.items()}}
+            source = self._supervised(source_stream)
+            batch = next(target)
+            outputs = self.task.online_step(self.adapter, self.teacher, self.policy, batch, device=self.device,
+                                            progress=(done + i) / max(total, 1))
+            return self._step_losses("rounds", i, (done + i) / max(total, 1), source, outputs, batch)
 
         losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, "constant", spec.steps),
-                             steps=spec.steps, desc=f"round {spec.index}: online", after_step=self._teacher_update(done))
+                             steps=spec.steps, desc=f"round {spec.index}: online",
+                             after_step=self._discriminators("rounds", then=self._teacher_update(done)))
+        losses.update(self.terms.take_means())
         stored = self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
                                         "steps": spec.steps, "losses": losses,
@@ -303,7 +349,8 @@ class Engine:
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
                         policy=self._policy_state(), metrics=record.get("eval"),
-                        teacher=self.teacher.state_dict() if self.teacher is not None else None)
+                        teacher=self.teacher.state_dict() if self.teacher is not None else None,
+                        loss_terms=self.terms.state_dict() if self.terms else None)
         link_atomic(path, self.run_dir.last)
 
     def _evaluates(self, index: int) -> bool:
@@ -321,6 +368,8 @@ class Engine:
             self.policy.load_state_dict(state["policy"])
         if self.teacher is not None and state.get("teacher"):
             self.teacher.load_state_dict(state["teacher"])
+        if self.terms and state.get("loss_terms"):
+            self.terms.load_state_dict(state["loss_terms"])
         set_rng_state(state["rng"])
 
     def _seed(self, round_index: int) -> int:

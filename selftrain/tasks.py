@@ -20,6 +20,7 @@ from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, voc_ap
 from .progress import progress
 from .pseudo import target_ground_truth
 from .store import PseudoLabelWriter
+from .types import StepOutputs
 from .training import collate as seg_collate
 from .training import evaluate as seg_evaluate
 
@@ -49,8 +50,11 @@ class SegmentationTask:
         return Augment(dataset, flip=d.flip, crop=d.crop, scale=d.scale, mine_classes=mine_classes,
                        mine_probability=self.mine_probability, ignore_index=d.ignore_index)
 
-    def supervised_losses(self, adapter, batch: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
-        return adapter.forward_train(batch["image"].to(device), batch["label"].to(device)).losses
+    def images(self, batch: dict[str, Any], device: str) -> torch.Tensor:
+        return batch["image"].to(device)
+
+    def supervised_step(self, adapter, batch: dict[str, Any], device: str) -> StepOutputs:
+        return adapter.forward_train(self.images(batch, device), batch["label"].to(device))
 
     def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
         d = self.data
@@ -58,15 +62,15 @@ class SegmentationTask:
                               batch_size=d.eval_batch, device=torch.device(device), desc=desc, tta=d.eval_tta)
         return {**result, **synthia_miou13(result, d.class_names)}
 
-    def online_losses(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
-                      progress: float) -> dict[str, torch.Tensor]:
+    def online_step(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
+                    progress: float) -> StepOutputs:
         """Teacher labels the weak view; the student's CE on the strong view, weighted per image."""
-        images = batch["image"].to(device)
+        images = self.images(batch, device)
         targets, weight, _ = policy.segmentation(teacher.predict(images).logits)
         student = photometric(images, normalised=True) if policy.strong_augment else images
-        logits = adapter.forward_train(student).logits
-        ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none").flatten(1).mean(1)
-        return {"ce": (weight.to(ce.device) * ce).mean()}
+        out = adapter.forward_train(student)
+        ce = torch.nn.functional.cross_entropy(out.logits, targets, reduction="none").flatten(1).mean(1)
+        return StepOutputs(losses={"ce": (weight.to(ce.device) * ce).mean()}, logits=out.logits, features=out.features)
 
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
                      progress_value: float) -> StoredLabels:
@@ -121,9 +125,11 @@ class DetectionTask:
     def augment(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
         return DetAugment(dataset, flip=self.data.flip, photometric=self.data.photometric)
 
-    def supervised_losses(self, adapter, batch: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
-        images = [im.to(device) for im in batch["image"]]
-        return adapter.forward_train(images, batch["target"], negatives="hard", box_loss=True).losses
+    def images(self, batch: dict[str, Any], device: str) -> list[torch.Tensor]:
+        return [im.to(device) for im in batch["image"]]
+
+    def supervised_step(self, adapter, batch: dict[str, Any], device: str) -> StepOutputs:
+        return adapter.forward_train(self.images(batch, device), batch["target"], negatives="hard", box_loss=True)
 
     @torch.no_grad()
     def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
@@ -136,14 +142,14 @@ class DetectionTask:
         mean_ap, per_class = voc_ap(detections, truths, self.data.num_classes, use_07=self.use_07)
         return {"map": _pct(mean_ap), "ap": [_pct(v) for v in per_class]}
 
-    def online_losses(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
-                      progress: float) -> dict[str, torch.Tensor]:
+    def online_step(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
+                    progress: float) -> StepOutputs:
         """Teacher (the student for WST) labels the batch; the student learns from those boxes."""
-        images = [im.to(device) for im in batch["image"]]
+        images = self.images(batch, device)
         made = policy.detections(teacher.predict(images), progress)
         student = [photometric(im, normalised=False) for im in images] if policy.strong_augment else images
         targets = [{"boxes": m["boxes"].detach(), "labels": m["labels"].detach()} for m in made]
-        return adapter.forward_train(student, targets, negatives=policy.negatives, box_loss=policy.box_loss).losses
+        return adapter.forward_train(student, targets, negatives=policy.negatives, box_loss=policy.box_loss)
 
     @torch.no_grad()
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,12 +44,19 @@ class StepOutputs:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One fine-tuning step's inputs and outputs, handed to loss terms."""
+    """One training step's outputs, handed to loss terms (``selftrain.losses``).
+
+    ``source`` / ``target``: the step's forward outputs of each domain (None where the phase has
+    none); ``progress``: the phase's training progress in [0, 1]; ``adapter`` and ``target_images``
+    for a term that makes its own forward pass (BSR).
+    """
 
     source: StepOutputs | None
     target: StepOutputs | None
     step: int
     progress: float
+    adapter: Any = None
+    target_images: Any = None
 
 
 @dataclass(frozen=True)

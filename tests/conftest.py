@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,22 @@ def det_tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "det_tiny.yaml"
     path.write_text(DET_TINY.format(defaults=REPO / "recipes" / "det_defaults.yaml"))
     return path
+
+
+def copy_interrupted(full: Path, part: Path, last_round: int) -> None:
+    """``part`` = run ``full`` as if it had stopped after ``last_round``: later checkpoints, pseudo-label
+    files and metrics lines removed (a resumed ``part`` must end like ``full``)."""
+    shutil.copytree(full, part)
+    for ckpt in (part / "checkpoints").glob("round_*.pt"):
+        if int(ckpt.stem.split("_")[1]) > last_round:
+            ckpt.unlink()
+    for h5 in (part / "pseudo").glob("round_*.h5"):
+        if int(h5.stem.split("_")[1]) > last_round:
+            h5.unlink()
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(lines[: last_round + 1]) + "\n")
+
+
+@pytest.fixture
+def interrupted():
+    return copy_interrupted

@@ -106,6 +106,12 @@ def test_forward_train_gives_named_losses_and_gradients(name, adapter):
     assert taps <= set(out.features) and all(out.features[t].requires_grad for t in taps)
     sum(out.losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    # the taps that loss terms may name (``dann``'s tap) exist, with the channels they declare
+    channels = adapter.feature_channels()
+    assert channels and set(channels) <= set(out.features)
+    assert all(out.features[t].dim() == 4 and out.features[t].shape[1] == c for t, c in channels.items())
+    # SSD: [B, default boxes, K + 1] (what BSR ranks); Faster R-CNN: [sampled RoIs, K + 1]
+    assert adapter.dense_logits == is_ssd(name) and out.logits.dim() == (3 if is_ssd(name) else 2)
 
 
 def test_images_without_boxes_train(adapter):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,18 +55,11 @@ def test_detection_policies_run_and_store_boxes(det_tiny_recipe, tmp_path, polic
     assert (ckpt["teacher"] is not None and "model" in ckpt["teacher"]) == (policy == "mean_teacher")
 
 
-def test_online_resume_equals_an_uninterrupted_run(det_tiny_recipe, tmp_path):
+def test_online_resume_equals_an_uninterrupted_run(det_tiny_recipe, tmp_path, interrupted):
     args = ["--set", "policy.name=mean_teacher", "--set", "policy.options={threshold: 0.0, decay: 0.9}", "--quiet"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli("run", det_tiny_recipe, "--out", full, *args)[0] == 0
-    assert run_cli("run", det_tiny_recipe, "--out", part, "--set", "rounds.count=1", *args)[0] == 0
-    # the interrupted run's recipe said 1 round; continuing with 2 is a new recipe, so copy round 1 over
-    shutil.rmtree(part)
-    shutil.copytree(full, part)
-    for p in [part / "checkpoints" / "round_002.pt", part / "pseudo" / "round_002.h5"]:
-        p.unlink()
-    lines = (part / "metrics.jsonl").read_text().splitlines()
-    (part / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    interrupted(full, part, last_round=1)
     code, _, err = run_cli("run", det_tiny_recipe, "--out", part, "--resume", *args)
     assert code == 0, err
     assert records(part)[2]["eval"]["map"] == pytest.approx(records(full)[2]["eval"]["map"], abs=1e-9)
