@@ -20,9 +20,9 @@ from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, voc_ap
 from .progress import progress
 from .pseudo import target_ground_truth
 from .store import PseudoLabelWriter
-from .types import StepOutputs
 from .training import collate as seg_collate
 from .training import evaluate as seg_evaluate
+from .types import StepOutputs
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class SegmentationTask:
         cm = ConfusionMatrix(self.data.num_classes, self.data.ignore_index)
         start = 0
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
-            _, _, made = policy.segmentation(teacher.predict(batch["image"].to(device)).logits)
+            _, _, made = policy.segmentation(teacher.predict(self.images(batch, device)).logits)
             labels = made.labels.cpu()
             counts += bincount_skipping(labels, labels == self.data.ignore_index, self.data.num_classes)
             writer.add_segmentation_batch(batch["id"], labels.to(torch.uint8).numpy(), made.confidence.cpu().numpy())
@@ -161,7 +161,7 @@ class DetectionTask:
         truth = getattr(dataset, "ground_truth", None)
         index = 0
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
-            made = policy.detections(teacher.predict([im.to(device) for im in batch["image"]]), progress_value)
+            made = policy.detections(teacher.predict(self.images(batch, device)), progress_value)
             for image_id, m in zip(batch["id"], made):
                 m = {k: v.cpu() for k, v in m.items()}
                 counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)

@@ -16,6 +16,9 @@ from .tta import TestTimeAugment
 from .progress import progress
 
 
+OPTIMISERS = ("sgd", "adam", "adamw")
+
+
 @dataclass(frozen=True)
 class OptimSpec:
     name: str = "sgd"
@@ -23,6 +26,7 @@ class OptimSpec:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     head_lr_mult: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
 
 
 def parameter_groups(adapter: Any, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
@@ -48,10 +52,10 @@ def make_optimizer(params, spec: OptimSpec, lr: float | None = None) -> torch.op
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
     if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
-    raise ValueError(f"unknown optimiser {spec.name!r}; choose sgd, adam or adamw")
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimiser {spec.name!r}; choose {', '.join(OPTIMISERS)}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -69,6 +70,27 @@ def copy_interrupted(full: Path, part: Path, last_round: int) -> None:
     (part / "metrics.jsonl").write_text("\n".join(lines[: last_round + 1]) + "\n")
 
 
+def last_map(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["eval"]["map"]
+
+
 @pytest.fixture
-def interrupted():
-    return copy_interrupted
+def resumed(tmp_path):
+    """``resumed(recipe, args) -> (full, part)``: ``full`` runs the recipe whole; ``part`` is a copy cut
+    after round 1 and continued with ``--resume``. Both exit 0 and end with the same mAP."""
+    from click.testing import CliRunner
+
+    from selftrain.cli import main
+
+    def run(recipe: Path, args: list[str]) -> tuple[Path, Path]:
+        full, part = tmp_path / "full", tmp_path / "part"
+        for out, extra in ((full, []), (part, ["--resume"])):
+            if out is part:
+                copy_interrupted(full, part, last_round=1)
+            result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), *extra, *args],
+                                        catch_exceptions=False)
+            assert result.exit_code == 0, result.stderr
+        assert last_map(part) == pytest.approx(last_map(full), abs=1e-9)
+        return full, part
+
+    return run

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..training import OPTIMISERS, OptimSpec, make_optimizer
 from ..types import StepBatch
 from .grl import ganin_coeff, grad_reverse, reverse_gradient
 from .registry import LOSSES
@@ -33,6 +34,7 @@ class LossTerm(nn.Module):
     learns from ``discriminator_losses`` after the model's step (else from ``forward``, through a GRL).
     """
 
+    name: ClassVar[str] = ""
     needs: frozenset[str] = frozenset()
     tasks: tuple[str, ...] = ("segmentation", "detection")
     separate_discriminator = False
@@ -40,35 +42,26 @@ class LossTerm(nn.Module):
 
     def __init__(self, *, optim: dict[str, Any] | None = None) -> None:
         super().__init__()
-        unknown = set(optim or {}) - {"name", "lr", "momentum", "weight_decay", "betas"}
+        valid = ("name", "lr", "momentum", "weight_decay", "betas")
+        unknown = set(optim or {}) - set(valid)
         if unknown:
-            raise ValueError(f"unknown optim key {min(unknown)}; valid: name, lr, momentum, weight_decay, betas")
-        self.optim = {**self.default_optim, **(optim or {})}
+            raise ValueError(f"unknown optim key {min(unknown)}; valid: {', '.join(valid)}")
+        self.optim = OptimSpec(**{**self.default_optim, **(optim or {})})
+        if self.optim.name not in OPTIMISERS:
+            raise ValueError(f"unknown optim name {self.optim.name!r}; choose {', '.join(OPTIMISERS)}")
 
     def attach(self, adapter: Any, task: str) -> None:
         """Check that the model offers what the term needs (raise ConfigError) and build its layers."""
         if task not in self.tasks:
-            raise ConfigError(f"loss {self.registered_name} works for {' and '.join(self.tasks)}, not {task}")
+            raise ConfigError(f"loss {self.name} works for {' and '.join(self.tasks)}, not {task}")
 
     def discriminator_losses(self, step: StepBatch) -> dict[str, torch.Tensor]:
         return {}
 
     def make_optimizer(self) -> torch.optim.Optimizer | None:
+        """The discriminator's own optimiser (``optim`` option), or None for a term without parameters."""
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            return None
-        o = self.optim
-        if o["name"] == "adam":
-            return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
-                                    weight_decay=o.get("weight_decay", 0.0))
-        if o["name"] == "sgd":
-            return torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
-                                   weight_decay=o.get("weight_decay", 0.0))
-        raise ValueError(f"unknown optim name {o['name']!r}; choose sgd or adam")
-
-    @property
-    def registered_name(self) -> str:
-        return getattr(type(self), "name", type(self).__name__.lower())
+        return make_optimizer(params, self.optim) if params else None
 
 
 def _taps(adapter: Any) -> dict[str, int]:

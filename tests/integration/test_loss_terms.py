@@ -45,14 +45,9 @@ def test_output_space_in_a_segmentation_run(tiny_recipe, tmp_path):
         assert 0 < rec["losses"]["output_space/adv"] < 0.01  # weighted once: 0.001 x BCE (about 0.69)
 
 
-def test_resume_restores_the_discriminators(det_tiny_recipe, tmp_path, interrupted):
-    args = ["--set", "losses=[{name: dann, weight: 0.5}]", "--set", "policy.options={threshold: 0.0}", "--quiet"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli("run", det_tiny_recipe, "--out", full, *args)[0] == 0
-    interrupted(full, part, last_round=1)
-    code, _, err = run_cli("run", det_tiny_recipe, "--out", part, "--resume", *args)
-    assert code == 0, err
-    assert records(part)[2]["eval"]["map"] == pytest.approx(records(full)[2]["eval"]["map"], abs=1e-9)
+def test_resume_restores_the_discriminators(det_tiny_recipe, resumed):
+    full, part = resumed(det_tiny_recipe, ["--set", "losses=[{name: dann, weight: 0.5}]", "--set",
+                                           "policy.options={threshold: 0.0}", "--quiet"])
     a = torch.load(full / "checkpoints" / "round_002.pt", weights_only=False)["loss_terms"]
     b = torch.load(part / "checkpoints" / "round_002.pt", weights_only=False)["loss_terms"]
     for key, value in a["terms"][0].items():
@@ -67,6 +62,7 @@ def test_resume_restores_the_discriminators(det_tiny_recipe, tmp_path, interrupt
     ("[{name: output_space}]", "loss output_space works for segmentation, not detection"),
     ("[{name: dann, options: {tap: backbone.0}}]", "no feature tap 'backbone.0' (it offers: conv4_3)"),
     ("[{name: bsr, wieght: 1}]", "unknown recipe key losses[0].wieght"),
+    ("[{name: dann, options: {optim: {name: rmsprop}}}]", "unknown optim name 'rmsprop'; choose sgd, adam, adamw"),
 ])
 def test_bad_loss_entries_fail_in_one_line(det_tiny_recipe, tmp_path, entry, message):
     out = tmp_path / "run"
