@@ -11,10 +11,11 @@ from .callbacks import ConsoleReport, MetricsWriter, PlotWriter, TensorBoardWrit
 from .checkpoint import RunDir
 from .config import DatasetSpec, RunConfig, to_yaml
 from .data.datasets import build_dataset
-from .engine import Engine, Mining, Plan, RunData, SourcePhase, plan_rounds
+from .engine import Engine
+from .phases import Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
 from .losses import LOSSES, LossTerms, WeightedTerm
-from .training import OptimSpec, parameter_groups, seed_everything
+from .training import OptimSpec, Precision, parameter_groups, seed_everything
 from .tasks import build_task
 from .tta import TestTimeAugment
 
@@ -184,4 +185,5 @@ def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
         adapter=adapter, policy=build_policy(cfg), data=data, plan=plan, task=task,
         run_dir=RunDir(Path(out)), recipe_yaml=to_yaml(cfg), seed=cfg.seed, device=device,
         callbacks=default_callbacks(), terms=build_loss_terms(cfg, adapter),
+        precision=Precision(cfg.precision, device), every_steps=cfg.checkpoint.every_steps,
     )

@@ -78,6 +78,7 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     from .checkpoint import load_checkpoint
     from .config import load_recipe
     from .tasks import build_task
+    from .training import Precision
 
     cfg = load_recipe(recipe, overrides)
     data = build_data(cfg)
@@ -87,7 +88,8 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     adapter.load_state_dict(load_checkpoint(checkpoint)["model"])
     device = resolve_device(cfg.device)
     task = build_task(cfg.task, data, use_07=cfg.eval.use_07)
-    result = task.evaluate(adapter.to(device), data.target_val, device=device, desc="evaluate")
+    with Precision(cfg.precision, device).autocast():
+        result = task.evaluate(adapter.to(device), data.target_val, device=device, desc="evaluate")
     click.echo(format_eval(result, data.class_names))
 
 

@@ -57,6 +57,11 @@ class OptimConfig:
     weight_decay: float = 5e-4
     # Learning rate of the model's head (classifier) relative to the rest: 10 for DeepLab-v2's ASPP.
     head_lr_mult: float = 1.0
+    # Cap on the global gradient norm (null: no clipping).
+    clip_grad_norm: float | None = None
+    # Micro-batches per optimiser step: the effective batch is batch size x accumulate; steps count
+    # optimiser steps, so a step draws `accumulate` batches.
+    accumulate: int = 1
 
 
 @dataclass
@@ -149,10 +154,21 @@ class LossConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Step checkpoints: the round being trained can be resumed at the step after the newest one.
+    ``every_steps`` null: only round checkpoints (plus one after an offline round's pseudo-labels)."""
+
+    every_steps: int | None = None
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
+    # Forward passes (training, evaluation, pseudo-labels) in fp32, or autocast to bf16 / fp16
+    # (fp16 with a GradScaler); losses and pseudo-label statistics stay float32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     task: Literal["segmentation", "detection"] = "segmentation"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +179,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pseudo_batch_size: int = 8
     losses: list[LossConfig] = field(default_factory=list)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +360,13 @@ def _check_values(cfg: RunConfig) -> None:
         (cfg.source_training.steps >= 0, "source_training.steps must be >= 0"),
         (cfg.source_training.optim.head_lr_mult > 0 and cfg.rounds.optim.head_lr_mult > 0,
          "optim.head_lr_mult must be positive (1: the head trains at the same learning rate)"),
+        *((o.accumulate >= 1, f"{key}.optim.accumulate must be >= 1 (1: no gradient accumulation), got {o.accumulate}")
+          for key, o in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim))),
+        *((o.clip_grad_norm is None or o.clip_grad_norm > 0,
+           f"{key}.optim.clip_grad_norm must be positive, or null for no clipping; got {o.clip_grad_norm}")
+          for key, o in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim))),
+        (cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
+         f"checkpoint.every_steps must be >= 1, or null for round checkpoints only; got {cfg.checkpoint.every_steps}"),
         (cfg.data.class_names is None or len(cfg.data.class_names) == cfg.data.num_classes,
          "data.class_names must list data.num_classes names"),
         (cfg.augment.crop is None or len(cfg.augment.crop) == 2, "augment.crop must be [height, width]"),

@@ -2,100 +2,40 @@
 
 Offline policies (ST, CBST) label the whole target set with the model as it stands, then fine-tune;
 online policies (WST, mean teacher) label every target batch as the model trains and store, at the
-end of the round, what they make for every target image. The engine only orchestrates; thresholds
-live in the policy, segmentation/detection specifics in the task, files in the store and checkpoint
-modules, steps in :mod:`selftrain.training`, reporting in callbacks.
+end of the round, what they make for every target image. The engine only orchestrates rounds:
+phases are data (:mod:`selftrain.phases`) run by the step runner (:mod:`selftrain.training`),
+thresholds live in the policy, segmentation/detection specifics in the task, files in the store
+and checkpoint modules, reporting in callbacks.
+
+Resume: round checkpoints close every round; the step checkpoint (``checkpoint.every_steps``, and
+always once an offline round's pseudo-labels are written) lets ``--resume`` continue the round
+being trained at the step after it, with every generator and data stream where it was.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from .checkpoint import RunDir, link_atomic, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (RunDir, StepCheckpoint, link_atomic, load_checkpoint, rng_state, save_checkpoint,
+                         save_state, set_rng_state)
 from .data.transforms import PseudoLabeled
-from .losses import LossTerms
+from .losses import DiscriminatorUpdate, LossTerms
+from .phases import Phase, Plan, RoundSpec, RunData, open_streams, round_phase, source_phase, step_function
+from .policies.functional import rare_classes
 from .pseudo import label_target
-from .store import PseudoLabelWriter, open_round
+from .store import PseudoLabelWriter, open_round, written_by
 from .tasks import StoredLabels
-from .tta import TestTimeAugment
-from .teachers import make_teacher
-from .types import StepBatch, StepOutputs
-from .training import (OptimSpec, batches, make_optimizer, make_scheduler, parameter_groups, seed_everything,
-                       train_steps)
+from .teachers import TeacherUpdate, make_teacher
+from .training import (FiniteGuard, LossMeter, Precision, StepRunner, make_optimizer, make_scheduler,
+                       parameter_groups, seed_everything)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundSpec:
-    """One self-training round: target portion p, source share, steps and learning rate."""
-
-    index: int
-    portion: float
-    source_share: float
-    steps: int
-    lr: float
-
-
-@dataclass(frozen=True)
-class SourcePhase:
-    """Round 0: supervised source-only training."""
-
-    steps: int
-    batch_size: int
-    lr_schedule: str
-    optim: OptimSpec
-
-
-@dataclass(frozen=True)
-class RunData:
-    """Data sets and the per-sample options the engine applies to them."""
-
-    source: Dataset
-    target: Dataset
-    target_val: Dataset | None
-    num_classes: int
-    class_names: Sequence[str]
-    ignore_index: int = 255
-    flip: bool = True
-    crop: Sequence[int] | None = None
-    scale: Sequence[float] | None = None
-    num_workers: int = 0
-    eval_batch: int = 8
-    pseudo_batch: int = 8
-    eval_tta: TestTimeAugment = TestTimeAugment()
-    pseudo_tta: TestTimeAugment = TestTimeAugment()
-    eval_every_round: bool = True
-    photometric: bool = False
-
-
-@dataclass(frozen=True)
-class Mining:
-    """Rare-class hard-sample mining for target crops (CBST §5)."""
-
-    enabled: bool = False
-    rare_share: float = 1e-3
-    probability: float = 0.5
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to train: round 0 (or a checkpoint to start from) and the self-training rounds."""
-
-    source_phase: SourcePhase | None
-    rounds: list[RoundSpec]
-    optim: OptimSpec
-    batch_source: int
-    batch_target: int
-    mining: Mining = field(default_factory=Mining)
-    init_checkpoint: str | None = None
 
 
 @dataclass
@@ -108,34 +48,34 @@ class Engine:
     plan: Plan
     run_dir: RunDir
     recipe_yaml: str
-    task: Any = None  # SegmentationTask | DetectionTask (selftrain.tasks); segmentation when None
+    task: Any  # SegmentationTask | DetectionTask (selftrain.tasks)
     seed: int = 0
     device: str = "cpu"
     callbacks: list[Any] = field(default_factory=list)
     terms: LossTerms = field(default_factory=LossTerms)  # extra loss terms (adversarial alignment)
+    precision: Precision = Precision()
+    every_steps: int | None = None  # step checkpoints (None: only the one after an offline round's labels)
 
     def __post_init__(self) -> None:
-        if self.task is None:
-            from .tasks import SegmentationTask
-
-            self.task = SegmentationTask(self.data, mine_probability=self.plan.mining.probability)
-        self.teacher = None
-        self._last_step: StepBatch | None = None  # what the loss terms' discriminators learn from
+        self.teacher = None  # made when the first online round starts, from the model it starts from
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns one metrics record per round."""
         self.adapter.to(self.device)
         self.terms.prepare(self.device)
         last = self.run_dir.prepare(self.recipe_yaml, resume)
-        self._make_teacher()
         if last is not None:
-            self._restore(last)
+            self._restore(load_checkpoint(self.run_dir.checkpoint(last)))
             log.info("resuming %s after round %d", self.run_dir.root, last)
-        else:
-            self._round_zero()
+        first = 0 if last is None else last + 1
+        state = self.run_dir.step_state(self.recipe_yaml, first) if resume else None
+        if state is not None:
+            log.info("resuming round %d at step %d", first, state["step"])
+        if first == 0:
+            self._round_zero(state)
         for spec in self.plan.rounds:
-            if last is None or spec.index > last:
-                self._round(spec)
+            if spec.index >= first:
+                self._round(spec, state if spec.index == first else None)
         self._emit("on_run_end", records=self.records())
         return self.records()
 
@@ -143,173 +83,118 @@ class Engine:
         path = self.run_dir.metrics
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
-    # -- round 0 ---------------------------------------------------------------------------------
+    # -- rounds ----------------------------------------------------------------------------------
 
-    def _round_zero(self) -> None:
+    def _round_zero(self, state: dict[str, Any] | None) -> None:
         seed_everything(self._seed(0))
+        source = self.plan.source_phase
+        losses: dict[str, float] = {}
         if self.plan.init_checkpoint:
             self.adapter.load_state_dict(load_checkpoint(self.plan.init_checkpoint)["model"])
-            losses: dict[str, float] = {}
-        elif self.plan.source_phase is not None and self.plan.source_phase.steps > 0:
-            losses = self._train_source(self.plan.source_phase)
-        else:
-            losses = {}
+        elif source is not None and source.steps > 0:
+            phase = source_phase(source, task=self.task, data=self.data, needs=self.terms.needs("source"),
+                                 seed=self._seed(0))
+            losses = self._train(phase, state)
         self._finish_round(0, {"phase": "source_only", "losses": losses})
 
-    def _train_source(self, phase: SourcePhase) -> dict[str, float]:
-        gen = seed_everything(self._seed(0))
-        stream = batches(self._augmented(self.data.source), phase.batch_size, gen, self.data.num_workers,
-                         collate_fn=self.task.collate)
-        optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
-        scheduler = make_scheduler(optimizer, phase.lr_schedule, phase.steps)
-        needs = self.terms.needs("source")
-        target = (batches(self._augmented(self.data.target), phase.batch_size, gen, self.data.num_workers,
-                          collate_fn=self.task.collate) if needs & {"target", "target_images"} else None)
-        counter = iter(range(phase.steps))
-
-        def step() -> dict[str, torch.Tensor]:
-            i = next(counter)
-            source = self.task.supervised_step(self.adapter, next(stream), self.device)
-            batch = next(target) if target is not None else None
-            outputs = (self.adapter.forward_train(self.task.images(batch, self.device))
-                       if "target" in needs else None)
-            return self._step_losses("source", i, i / max(phase.steps, 1), source, outputs, batch)
-
-        losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=phase.steps,
-                             desc="round 0: source", after_step=self._discriminators("source"))
-        return {**losses, **self.terms.take_means()}
-
-    # -- self-training rounds --------------------------------------------------------------------
-
-    def _round(self, spec: RoundSpec) -> None:
-        if not getattr(self.policy, "offline", True):
-            return self._online_round(spec)
+    def _round(self, spec: RoundSpec, state: dict[str, Any] | None) -> None:
+        if not self.policy.offline:
+            return self._online_round(spec, state)
         seed_everything(self._seed(spec.index))
-        labeling = self._label(spec)
-        losses = self._fine_tune(spec, labeling.predicted_pixels)
+        if state is not None and written_by(self.run_dir.pseudo(spec.index), spec.index, self.recipe_yaml):
+            self.policy.load_state_dict(state["policy"])
+            labeling = state["labeling"]
+        else:
+            with self.precision.autocast():
+                labeling = self._label(spec).to_dict()
+            state = None
+            save_state(self.run_dir.step, self._state(spec.index, 0, labeling=labeling))
+        with open_round(self.run_dir.pseudo(spec.index)) as reader:
+            mined = self.task.augment(PseudoLabeled(self.data.target, reader), self._mine(labeling["predicted_pixels"]))
+            phase = self._round_phase(spec, mined, "supervised", f"round {spec.index}: fine-tune")
+            losses = self._train(phase, state if state and state["step"] > 0 else None, labeling=labeling)
         self._finish_round(spec.index, {"phase": "self_training", "portion": spec.portion, "lr": spec.lr,
                                         "source_share": spec.source_share, "steps": spec.steps,
-                                        "losses": losses, "pseudo": labeling.to_dict()})
+                                        "losses": losses, "pseudo": labeling})
+
+    def _online_round(self, spec: RoundSpec, state: dict[str, Any] | None) -> None:
+        """Each step: the teacher labels a target batch, the policy keeps what it trusts, the student
+        learns from it (and from a source batch); then the round's labels are stored for every image."""
+        if self.teacher is None:
+            self.teacher = make_teacher(self.policy.teacher, self.adapter, **self.policy.teacher_options())
+        phase = self._round_phase(spec, self.task.augment(self.data.target), "online", f"round {spec.index}: online")
+        losses = self._train(phase, state)
+        with self.precision.autocast():
+            stored = self._store_online(spec, progress_value=phase.progress(spec.steps))
+        self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
+                                        "steps": spec.steps, "losses": losses, "pseudo": self._online_summary(stored)})
+
+    def _round_phase(self, spec: RoundSpec, target: Dataset, use: str, desc: str) -> Phase:
+        return round_phase(spec, self.plan, task=self.task, data=self.data, target=target, use=use, desc=desc,
+                           seed=self._seed(spec.index) + 1)
+
+    # -- one phase through the step runner --------------------------------------------------------
+
+    def _train(self, phase: Phase, state: dict[str, Any] | None, **extra: Any) -> dict[str, float]:
+        """Run ``phase`` (from ``state``, a step checkpoint of it, when given); the mean losses."""
+        gen = seed_everything(phase.seed)
+        streams = open_streams(phase, gen, num_workers=self.data.num_workers, collate_fn=self.task.collate,
+                               pin_memory=self.device.startswith("cuda"))
+        optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
+        meter = LossMeter()
+        discriminators = DiscriminatorUpdate(self.terms, phase.terms) if self.terms.needs(phase.terms) else None
+        hooks = [FiniteGuard(), *([discriminators] if discriminators else []), meter]
+        if phase.target_use == "online":
+            hooks.append(TeacherUpdate(self.teacher, self.adapter, offset=phase.progress_offset))
+        runner = StepRunner(optimizer=optimizer, scheduler=make_scheduler(optimizer, phase.schedule, phase.steps),
+                            precision=self.precision, clip_grad_norm=phase.optim.clip_grad_norm,
+                            accumulate=phase.optim.accumulate, hooks=hooks)
+        if self.every_steps:
+            runner.hooks.append(StepCheckpoint(self.every_steps, lambda done: save_state(self.run_dir.step, self._state(
+                phase.round, done, model=self.adapter.state_dict(), runner=runner.state_dict(), generator=gen.get_state(),
+                streams={k: s.state_dict() for k, s in streams.items()}, **extra))))
+        start = self._load_step(state, runner, streams, gen) if state is not None else 0
+        step = step_function(phase, streams, adapter=self.adapter, task=self.task, terms=self.terms,
+                             device=self.device, teacher=self.teacher, policy=self.policy)
+        runner.run(step, steps=phase.steps, start=start, desc=phase.desc)
+        return {**meter.means(phase.steps), **(discriminators.meter.means(phase.steps) if discriminators else {})}
+
+    def _state(self, round_index: int, steps_done: int, **parts: Any) -> dict[str, Any]:
+        """A step checkpoint: ``parts`` plus what every round carries, the RNG state taken last."""
+        return {"kind": "step", "round": round_index, "step": steps_done, "recipe": self.recipe_yaml, **parts,
+                **self._carried(), "rng": rng_state()}
+
+    def _load_step(self, state: dict[str, Any], runner: StepRunner, streams: dict, gen) -> int:
+        self.adapter.load_state_dict(state["model"])
+        runner.load_state_dict(state["runner"])
+        for name, stream in streams.items():
+            stream.load_state_dict(state["streams"][name])  # may open a loader: before the RNG is restored
+        gen.set_state(state["generator"])
+        self._restore(state)
+        return int(state["step"])
+
+    # -- labels ----------------------------------------------------------------------------------
+
+    def _writer(self, spec: RoundSpec, portion: float, checkpoint_round: int) -> PseudoLabelWriter:
+        return PseudoLabelWriter(
+            self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
+            portion=portion, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
+            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
+            checkpoint=str(self.run_dir.checkpoint(checkpoint_round)),
+        )
 
     def _label(self, spec: RoundSpec):
         path = self.run_dir.pseudo(spec.index)
-        writer = PseudoLabelWriter(
-            path, task="segmentation", round=spec.index, policy=self.policy.name, portion=spec.portion,
-            num_classes=self.data.num_classes, class_names=list(self.data.class_names),
-            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
-            checkpoint=str(self.run_dir.checkpoint(spec.index - 1)),
-        )
-        with writer:
+        with self._writer(spec, spec.portion, spec.index - 1) as writer:
             return label_target(
                 adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
                 writer=writer, scratch=path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
-                device=torch.device(self.device), ignore_index=self.data.ignore_index, tta=self.data.pseudo_tta,
+                device=self.device, ignore_index=self.data.ignore_index, tta=self.data.pseudo_tta,
             )
-
-    def _fine_tune(self, spec: RoundSpec, predicted_pixels: list[int]) -> dict[str, float]:
-        gen = seed_everything(self._seed(spec.index) + 1)
-        reader = open_round(self.run_dir.pseudo(spec.index))
-        target = self._augmented(PseudoLabeled(self.data.target, reader), self._mine(predicted_pixels))
-        target_stream = batches(target, self.plan.batch_target, gen, self.data.num_workers, collate_fn=self.task.collate)
-        source_stream = self._source_stream(spec, gen)
-        optimizer = make_optimizer(self._param_groups(), self.plan.optim, lr=spec.lr)
-        scheduler = make_scheduler(optimizer, "constant", spec.steps)
-        done, total = self._steps_before(spec.index), sum(r.steps for r in self.plan.rounds)
-        counter = iter(range(spec.steps))
-
-        def step() -> dict[str, torch.Tensor]:
-            i = next(counter)
-            source = self._supervised(source_stream)
-            batch = next(target_stream)
-            target = self.task.supervised_step(self.adapter, batch, self.device)
-            return self._step_losses("rounds", i, (done + i) / max(total, 1), source, target, batch)
-
-        try:
-            losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=scheduler, steps=spec.steps,
-                                 desc=f"round {spec.index}: fine-tune", after_step=self._discriminators("rounds"))
-        finally:
-            reader.close()
-        return {**losses, **self.terms.take_means()}
-
-    def _param_groups(self) -> list[dict[str, Any]]:
-        return parameter_groups(self.adapter, self.plan.optim.head_lr_mult)
-
-    def _supervised(self, stream) -> StepOutputs | None:
-        return self.task.supervised_step(self.adapter, next(stream), self.device) if stream is not None else None
-
-    def _step_losses(self, phase: str, i: int, progress: float, source: StepOutputs | None,
-                     target: StepOutputs | None, target_batch: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-        """The adapter's named losses per domain (``src/``, ``tgt/``), then the extra loss terms'."""
-        losses = {f"src/{k}": v for k, v in source.losses.items()} if source is not None else {}
-        if target is not None:
-            losses.update({f"tgt/{k}": v for k, v in target.losses.items()})
-        if self.terms.needs(phase):
-            images = self.task.images(target_batch, self.device) if target_batch is not None else None
-            self._last_step = StepBatch(source=source, target=target, step=i, progress=progress,
-                                        adapter=self.adapter, target_images=images)
-            losses.update(self.terms.losses(self._last_step, phase))
-        return losses
-
-    def _discriminators(self, phase: str, then=None):
-        """``after_step``: the loss terms' discriminators learn from the step just taken, then ``then(i)``."""
-        def after(i: int) -> None:
-            if self.terms.needs(phase):
-                self.terms.discriminator_step(self._last_step, phase)
-                self._last_step = None  # the step's outputs are not kept past it
-            if then is not None:
-                then(i)
-
-        return after
-
-    # -- online rounds (WST, mean teacher) ------------------------------------------------------
-
-    def _make_teacher(self) -> None:
-        if self.policy is not None and not getattr(self.policy, "offline", True):
-            self.teacher = make_teacher(self.policy.teacher, self.adapter, **self.policy.teacher_options())
-
-    def _online_round(self, spec: RoundSpec) -> None:
-        """Each step: the teacher labels a target batch, the policy keeps what it trusts, the student
-        learns from it (and from a source batch); then the round's labels are stored for every image."""
-        gen = seed_everything(self._seed(spec.index) + 1)
-        target = batches(self._augmented(self.data.target), self.plan.batch_target, gen, self.data.num_workers,
-                         collate_fn=self.task.collate)
-        source_stream = self._source_stream(spec, gen)
-        optimizer = make_optimizer(self._param_groups(), self.plan.optim, lr=spec.lr)
-        done, total = self._steps_before(spec.index), sum(r.steps for r in self.plan.rounds)
-        counter = iter(range(spec.steps))
-
-        def step() -> dict[str, torch.Tensor]:
-            i = next(counter)
-            source = self._supervised(source_stream)
-            batch = next(target)
-            outputs = self.task.online_step(self.adapter, self.teacher, self.policy, batch, device=self.device,
-                                            progress=(done + i) / max(total, 1))
-            return self._step_losses("rounds", i, (done + i) / max(total, 1), source, outputs, batch)
-
-        losses = train_steps(step_fn=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, "constant", spec.steps),
-                             steps=spec.steps, desc=f"round {spec.index}: online",
-                             after_step=self._discriminators("rounds", then=self._teacher_update(done)))
-        losses.update(self.terms.take_means())
-        stored = self._store_online(spec, progress_value=(done + spec.steps) / max(total, 1))
-        self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
-                                        "steps": spec.steps, "losses": losses,
-                                        "pseudo": self._online_summary(stored)})
-
-    def _teacher_update(self, done: int):
-        return lambda i: self.teacher.update(self.adapter, done + i)
-
-    def _steps_before(self, index: int) -> int:
-        return sum(r.steps for r in self.plan.rounds if r.index < index)
 
     def _store_online(self, spec: RoundSpec, progress_value: float) -> StoredLabels:
         """Write the round's labels for every target image; their counts (and precision) per class."""
-        writer = PseudoLabelWriter(
-            self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
-            portion=1.0, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
-            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
-            checkpoint=str(self.run_dir.checkpoint(spec.index)),
-        )
-        with writer:
+        with self._writer(spec, 1.0, spec.index) as writer:
             return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
                                           progress_value=min(progress_value, 1.0))
 
@@ -319,54 +204,47 @@ class Engine:
         return {"selected_pixels": stored.counts, "thresholds": [threshold] * len(stored.counts),
                 "precision": stored.precision, "precision_overall": stored.precision_overall, "selected_share": None}
 
-    def _source_stream(self, spec: RoundSpec, gen: torch.Generator):
-        if self.plan.batch_source == 0 or spec.source_share <= 0:
-            return None
-        n = len(self.data.source)
-        count = min(n, max(self.plan.batch_source, round(spec.source_share * n)))
-        subset = Subset(self.data.source, torch.randperm(n, generator=gen)[:count].tolist())
-        return batches(self._augmented(subset), self.plan.batch_source, gen, self.data.num_workers,
-                       collate_fn=self.task.collate)
-
     def _mine(self, predicted_pixels: list[int]) -> list[int]:
         if not self.plan.mining.enabled:
             return []
-        from .policies.functional import rare_classes
 
         return rare_classes(torch.tensor(predicted_pixels), self.plan.mining.rare_share).tolist()
-
-    def _augmented(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset:
-        return self.task.augment(dataset, mine_classes)
 
     # -- evaluation, checkpoints, resume ---------------------------------------------------------
 
     def _finish_round(self, index: int, record: dict[str, Any]) -> None:
         record = {"round": index, **record}
         if self.data.target_val is not None and self._evaluates(index):
-            record["eval"] = self.task.evaluate(self.adapter, self.data.target_val, device=self.device,
-                                                desc=f"round {index}: evaluate")
+            with self.precision.autocast():
+                record["eval"] = self.task.evaluate(self.adapter, self.data.target_val, device=self.device,
+                                                    desc=f"round {index}: evaluate")
         self._emit("on_round_end", record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
-                        policy=self._policy_state(), metrics=record.get("eval"),
-                        teacher=self.teacher.state_dict() if self.teacher is not None else None,
-                        loss_terms=self.terms.state_dict() if self.terms else None)
+                        metrics=record.get("eval"), **self._carried())
         link_atomic(path, self.run_dir.last)
+        self.run_dir.step.unlink(missing_ok=True)  # the round's checkpoint supersedes it
 
     def _evaluates(self, index: int) -> bool:
         """Every round, or (eval.every_round: false) the source-only round and the last one."""
         last = self.plan.rounds[-1].index if self.plan.rounds else 0
         return self.data.eval_every_round or index in (0, last)
 
-    def _policy_state(self) -> dict[str, Any] | None:
-        return self.policy.state_dict() if self.policy is not None else None
+    def _carried(self) -> dict[str, Any]:
+        """What lives across rounds besides the model: policy, teacher, loss terms."""
+        return {"policy": self.policy.state_dict() if self.policy is not None else None,
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "loss_terms": self.terms.state_dict() if self.terms else None}
 
-    def _restore(self, last: int) -> None:
-        state = load_checkpoint(self.run_dir.checkpoint(last))
-        self.adapter.load_state_dict(state["model"])
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Model (round checkpoints), policy, teacher, loss terms, then the RNG state."""
+        if state.get("kind") != "step":
+            self.adapter.load_state_dict(state["model"])
         if self.policy is not None and state.get("policy"):
             self.policy.load_state_dict(state["policy"])
-        if self.teacher is not None and state.get("teacher"):
+        if state.get("teacher"):
+            if self.teacher is None:
+                self.teacher = make_teacher(self.policy.teacher, self.adapter, **self.policy.teacher_options())
             self.teacher.load_state_dict(state["teacher"])
         if self.terms and state.get("loss_terms"):
             self.terms.load_state_dict(state["loss_terms"])
@@ -381,15 +259,3 @@ class Engine:
             fn = getattr(cb, event, None)
             if fn is not None:
                 fn(**kwargs)
-
-
-def plan_rounds(*, count: int, portion, source_share, steps: int | None, target_epochs: float, n_target: int,
-                batch_target: int, lr: float, lr_decay: str) -> list[RoundSpec]:
-    """The schedule: p and the source share ramp per round; lr constant or divided by sqrt(2) per round."""
-    if steps is None:
-        steps = max(1, math.ceil(target_epochs * n_target / batch_target))
-    out = []
-    for r in range(1, count + 1):
-        round_lr = lr / (math.sqrt(2) ** (r - 1)) if lr_decay == "sqrt2" else lr
-        out.append(RoundSpec(index=r, portion=portion.at(r), source_share=source_share.at(r), steps=steps, lr=round_lr))
-    return out

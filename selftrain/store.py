@@ -39,7 +39,7 @@ from . import __version__
 from .errors import StoreError
 from .io import atomic_path
 
-__all__ = ["FORMAT", "PseudoLabelWriter", "RoundReader", "open_round"]
+__all__ = ["FORMAT", "PseudoLabelWriter", "RoundReader", "open_round", "written_by"]
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,15 @@ def _to_float16(confidence: np.ndarray) -> np.ndarray:
 # Reading
 
 
+def written_by(path: str | os.PathLike, round_index: int, recipe: str) -> bool:
+    """Whether ``path`` is a complete round file of round ``round_index`` made with ``recipe``."""
+    try:
+        with open_round(path) as reader:
+            return reader.meta.get("round") == round_index and reader.meta.get("recipe") == recipe
+    except StoreError:
+        return False
+
+
 def open_round(path: str | os.PathLike) -> RoundReader:
     """Open a complete pseudo-label file for reading; raises StoreError when it is missing,
     not HDF5, not a selftrain file, or incomplete."""
@@ -386,7 +395,7 @@ class RoundReader:
         return tuple(self._file()["labels"].shape[1:])
 
     def confidence(self, i: int) -> np.ndarray:
-        """Selection scores of image ``i``: float32 [H, W]."""
+        """Softmax probability of each pixel's assigned class in image ``i`` (0 where ignored): float32 [H, W]."""
         return self._image("confidence", i).astype(np.float32)
 
     def boxes(self, i: int) -> dict[str, np.ndarray]:

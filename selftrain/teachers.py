@@ -2,7 +2,8 @@
 
 Offline rounds label with a frozen snapshot of the model, which is simply the adapter before the
 round's fine-tuning starts (see :mod:`selftrain.pseudo`); the two teachers here serve the online
-policies, which label every target batch as training goes.
+policies, which label every target batch as training goes. The engine makes the teacher when the
+first online round starts, from the model that round starts from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import copy
 from typing import Any
 
 import torch
+
+from .training import HookBase
 
 
 class StudentTeacher:
@@ -83,6 +86,17 @@ def _parameter_names(adapter: Any) -> set[str]:
     if model is None:
         return set(adapter.state_dict())
     return {name for name, _ in model.named_parameters()}
+
+
+class TeacherUpdate(HookBase):
+    """Step hook: after every optimiser step the teacher follows the student (the EMA update).
+    ``offset``: steps of earlier rounds, so the EMA warm-up counts steps over the whole run."""
+
+    def __init__(self, teacher: StudentTeacher | EMATeacher, student: Any, offset: int = 0) -> None:
+        self.teacher, self.student, self.offset = teacher, student, offset
+
+    def after_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.teacher.update(self.student, self.offset + step)
 
 
 def make_teacher(kind: str, student: Any, **options: Any) -> StudentTeacher | EMATeacher:

@@ -1,32 +1,48 @@
-"""Plain training pieces the engine composes: optimisers, schedules, batch streams, steps, evaluation."""
+"""The step runner and the pieces it composes: optimisers, schedules, precision, hooks, evaluation.
+
+One optimiser step (:class:`StepRunner`, after detectron2's ``SimpleTrainer.run_step`` and
+mmengine's ``OptimWrapper``): zero the gradients; for each of ``accumulate`` micro-batches run the
+step function under autocast and back-propagate its summed losses through the GradScaler; clip;
+step every optimiser through the scaler; step the schedule. Hooks see the step's outputs as
+arguments at ``before_step``, ``after_backward`` (once per micro-batch) and ``after_step``; the
+non-finite guard and the loss averages are hooks here, the discriminators' update, the EMA teacher
+and step checkpoints are hooks of their own modules. Precision lives here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .metrics import ConfusionMatrix
-from .tta import TestTimeAugment
 from .progress import progress
-
+from .tta import TestTimeAugment
+from .types import StepBatch
 
 OPTIMISERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class OptimSpec:
+    """An optimiser and how steps use it: ``clip_grad_norm`` (None: off) caps the global gradient
+    norm; ``accumulate`` micro-batches make one step (effective batch = batch size x accumulate)."""
+
     name: str = "sgd"
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
     head_lr_mult: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    clip_grad_norm: float | None = None
+    accumulate: int = 1
 
 
 def parameter_groups(adapter: Any, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
@@ -80,16 +96,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def batches(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
-            collate_fn: Callable[[list], dict] | None = None) -> Iterator[dict]:
-    """An endless stream of shuffled batches (a new permutation every pass)."""
-    sampler = RandomSampler(dataset, generator=generator)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=len(dataset) >= batch_size, collate_fn=collate_fn or collate)
-    while True:
-        yield from loader
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "image": torch.stack([s["image"] for s in samples]),
@@ -98,34 +104,182 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    """Stop on a non-finite loss, printing every component (torchvision references do the same)."""
-    if not all(torch.isfinite(v).all() for v in losses.values()):
-        shown = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
+# --------------------------------------------------------------------------- precision
 
 
-def train_steps(
-    *, step_fn: Callable[[], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int, desc: str,
-    after_step: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Run ``steps`` optimiser steps; ``step_fn`` returns named losses; ``after_step(i)`` runs after each
-    optimiser step (the mean teacher's EMA update). Returns the losses' running means."""
-    sums: dict[str, float] = {}
-    for step in progress(range(steps), desc=desc, unit="step"):
-        losses = step_fn()
-        check_finite(losses, step)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        scheduler.step()
-        if after_step is not None:
-            after_step(step)
+@dataclass(frozen=True)
+class Precision:
+    """``fp32``, ``bf16`` or ``fp16`` for every forward pass on ``device`` (training, evaluation,
+    pseudo-labels): autocast to the half type, and for fp16 a GradScaler on the backward passes.
+    Losses, costs and statistics are computed in float32 from the logits whatever the setting."""
+
+    name: str = "fp32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.name!r}; choose {', '.join(PRECISIONS)}")
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def autocast(self) -> ContextManager[Any]:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+# --------------------------------------------------------------------------- the step runner
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One forward of a training step: its named losses (weighted; their sum is back-propagated) and
+    the step's batch outputs for hooks that learn from them (the loss terms' discriminators)."""
+
+    losses: dict[str, torch.Tensor]
+    batch: StepBatch | None = None
+
+
+class HookBase:
+    """A step hook; override what you need. ``after_backward`` runs once per micro-batch, with the
+    runner for its ``backward`` and ``autocast``; ``after_step`` gets the step's losses (detached,
+    float64, averaged over micro-batches). ``optimizers()`` are stepped with the model's, through
+    the same GradScaler. ``state_dict`` goes into step checkpoints."""
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_backward(self, runner: StepRunner, step: int, result: StepResult) -> None:
+        pass
+
+    def after_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class StepRunner:
+    """Runs optimiser steps of ``step_fn(step) -> StepResult`` with ``hooks`` (in order).
+
+    Args:
+        optimizer, scheduler: the model's; the scheduler steps once per optimiser step.
+        precision: autocast for the forward passes and the GradScaler for the backward ones.
+        clip_grad_norm: cap on the model's global gradient norm (unscaled first), or None.
+        accumulate: micro-batches per step; each micro-batch's loss is divided by it.
+    """
+
+    def __init__(self, *, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 precision: Precision = Precision(), clip_grad_norm: float | None = None, accumulate: int = 1,
+                 hooks: Sequence[HookBase] = ()) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
+        self.clip_grad_norm, self.accumulate, self.hooks = clip_grad_norm, accumulate, list(hooks)
+        self.scaler = precision.scaler()
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self) -> ContextManager[Any]:
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss through the scaler (divided by ``accumulate``)."""
+        self.scaler.scale(loss / self.accumulate).backward()
+
+    def run(self, step_fn: Callable[[int], StepResult], *, steps: int, start: int = 0, desc: str) -> None:
+        """Steps ``start`` .. ``steps - 1``."""
+        for step in progress(range(start, steps), desc=desc, unit="step", total=steps - start):
+            self.step(step_fn, step)
+
+    def step(self, step_fn: Callable[[int], StepResult], step: int) -> None:
+        optimizers = [self.optimizer] + [o for h in self.hooks for o in h.optimizers()]
+        for h in self.hooks:
+            h.before_step(step)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        losses: dict[str, torch.Tensor] = {}
+        for _ in range(self.accumulate):
+            with self.autocast():
+                result = step_fn(step)
+            self.backward(sum(result.losses.values()))
+            for h in self.hooks:
+                h.after_backward(self, step, result)
+            for k, v in result.losses.items():
+                v = v.detach().double()
+                losses[k] = losses[k] + v / self.accumulate if k in losses else v / self.accumulate
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.scheduler.step()
+        for h in self.hooks:
+            h.after_step(step, losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "hooks": [h.state_dict() for h in self.hooks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for h, s in zip(self.hooks, state["hooks"], strict=True):
+            h.load_state_dict(s)
+
+
+# --------------------------------------------------------------------------- generic hooks
+
+
+class FiniteGuard(HookBase):
+    """Stop on a non-finite loss before the optimiser steps, printing every component (the
+    torchvision references do the same). One host sync per micro-batch."""
+
+    def after_backward(self, runner: StepRunner, step: int, result: StepResult) -> None:
+        values = torch.stack([v.detach().float().reshape(()) for v in result.losses.values()])
+        if not bool(torch.isfinite(values).all()):
+            shown = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
+            raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
+
+
+class LossMeter(HookBase):
+    """Running sums of named losses (float64 on the losses' device: no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-    return {k: v / max(steps, 1) for k, v in sums.items()}
+            v = v.detach().double()
+            self.sums[k] = (self.sums[k].to(v.device) if k in self.sums else 0.0) + v  # 0.0 + -0.0 = 0.0
+
+    def after_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.add(losses)
+
+    def means(self, count: int) -> dict[str, float]:
+        return {k: float(v) / max(count, 1) for k, v in self.sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = dict(state["sums"])
+
+
+# --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()

@@ -13,8 +13,9 @@ class SegPrediction:
     """Raw network output for a batch.
 
     Shape:
-        logits: [B, C, h, w] at the network's output stride (float32 or float16).
-    Policies compute ``log p`` from the logits (never from saturated softmax).
+        logits: [B, C, H, W] at the input's size (adapters upsample their output bilinearly),
+        float32, or the autocast type under mixed precision.
+    Policies compute ``log p`` in float32 from the logits (never from saturated softmax).
     """
 
     logits: torch.Tensor
@@ -26,7 +27,7 @@ class SegPseudoLabels:
 
     Shape:
         labels: [B, H, W] int64, ``ignore_index`` where not selected.
-        confidence: [B, H, W] float32, the selection score ``max_c p_c / t_c`` (>= 1 where selected).
+        confidence: [B, H, W] float32, the softmax probability of the assigned class (0 where ignored).
     """
 
     labels: torch.Tensor

@@ -1,7 +1,8 @@
 """Extra loss terms: adversarial alignment modules added to the task losses with a recipe weight.
 
 ``create_loss(name, **options)`` builds a registered term; :class:`LossTerms` holds a run's terms,
-weights them, and steps their discriminators. ``selftrain list losses`` prints the names.
+weights them and owns their discriminators' optimisers; :class:`DiscriminatorUpdate` is the step hook
+that updates the discriminators. ``selftrain list losses`` prints the names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from . import adversarial as _adversarial  # noqa: F401  (registers the terms)
 from .adversarial import BSR, DANN, LossTerm, OutputSpace, bsr_loss
 from .grl import ganin_coeff, grad_reverse, reverse_gradient
 from .registry import LOSSES
-from .terms import LossTerms, WeightedTerm
+from .terms import DiscriminatorUpdate, LossTerms, WeightedTerm
 
 
 def create_loss(name: str, **options: Any) -> LossTerm:
@@ -20,5 +21,5 @@ def create_loss(name: str, **options: Any) -> LossTerm:
     return LOSSES.get(name)(**options)
 
 
-__all__ = ["BSR", "DANN", "LOSSES", "LossTerm", "LossTerms", "OutputSpace", "WeightedTerm", "bsr_loss",
+__all__ = ["BSR", "DANN", "DiscriminatorUpdate", "LOSSES", "LossTerm", "LossTerms", "OutputSpace", "WeightedTerm", "bsr_loss",
            "create_loss", "ganin_coeff", "grad_reverse", "reverse_gradient"]

@@ -9,6 +9,8 @@ reversal layer inside ``forward`` (DANN), or from its own losses on detached out
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -31,7 +33,7 @@ class LossTerm(nn.Module):
     ``needs``: what the engine must hand over in the :class:`StepBatch`: ``"source"`` / ``"target"``
     (the step's forward outputs of that domain) and ``"target_images"`` (for a term that makes its own
     forward pass). ``tasks``: the tasks it works for. ``separate_discriminator``: its discriminator
-    learns from ``discriminator_losses`` after the model's step (else from ``forward``, through a GRL).
+    learns from ``discriminator_losses`` on the step's detached outputs (else from ``forward``, through a GRL).
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +64,20 @@ class LossTerm(nn.Module):
         """The discriminator's own optimiser (``optim`` option), or None for a term without parameters."""
         params = [p for p in self.parameters() if p.requires_grad]
         return make_optimizer(params, self.optim) if params else None
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Ops inside the block record no gradient for ``module``'s parameters (gradients still flow
+    through it to its inputs): AdaptSegNet's generator step with ``requires_grad = False`` on D."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _taps(adapter: Any) -> dict[str, int]:
@@ -128,7 +144,8 @@ class OutputSpace(LossTerm):
     leaky ReLU 0.2) sees the softmax of the segmentation output at input resolution. The model's
     loss is ``BCE(D(P_t), source)``: target predictions should look like source ones (the paper's
     lambda_adv = 0.001 is the recipe weight). The discriminator then learns, on detached outputs,
-    ``(BCE(D(P_s), source) + BCE(D(P_t), target)) / 2`` with Adam (lr 1e-4, betas 0.9/0.99).
+    ``(BCE(D(P_s), source) + BCE(D(P_t), target)) / 2`` with Adam (lr 1e-4, betas 0.9/0.99). As in
+    the official code, D's parameters take no gradient from the model's loss.
     """
 
     name = "output_space"
@@ -155,7 +172,8 @@ class OutputSpace(LossTerm):
         return F.binary_cross_entropy_with_logits(out, torch.full_like(out, label))
 
     def forward(self, step: StepBatch) -> dict[str, torch.Tensor]:
-        return {"adv": self._bce(step.target.logits, SOURCE)}
+        with frozen(self.discriminator):  # the model's loss trains the segmenter, never D
+            return {"adv": self._bce(step.target.logits, SOURCE)}
 
     def discriminator_losses(self, step: StepBatch) -> dict[str, torch.Tensor]:
         return {"d": (self._bce(step.source.logits.detach(), SOURCE) + self._bce(step.target.logits.detach(), TARGET)) / 2}

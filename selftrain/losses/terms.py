@@ -1,4 +1,4 @@
-"""A run's extra loss terms: which phase each acts in, its weight, and its discriminator's optimiser."""
+"""A run's extra loss terms: which phase each acts in, its weight, its discriminator's optimiser and update."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..training import HookBase, LossMeter, StepResult, StepRunner
 from ..types import StepBatch
 from .adversarial import LossTerm
 
@@ -25,18 +26,18 @@ class WeightedTerm:
 
 
 class LossTerms:
-    """Applies every term's weight once, and steps the discriminators after the model's step.
+    """Applies every term's weight once, and owns each discriminator's optimiser.
 
-    A term whose discriminator learns through a GRL (DANN) has its gradients from the model's
-    backward pass; one with ``separate_discriminator`` (AdaptSegNet) has them cleared and recomputed
-    from ``discriminator_losses`` on detached outputs. Each discriminator has its own optimiser.
+    A term whose discriminator learns through a GRL (DANN) gets its gradients from the model's
+    backward pass; one with ``separate_discriminator`` (AdaptSegNet) learns from
+    ``discriminator_losses`` on detached outputs (its ``forward`` keeps the discriminator's
+    parameters out of the model's graph). :class:`DiscriminatorUpdate` is the step hook that runs
+    those updates.
     """
 
     def __init__(self, entries: Sequence[WeightedTerm] = ()) -> None:
         self.entries = list(entries)
         self.optimizers: list[torch.optim.Optimizer | None] = [None] * len(self.entries)
-        self._sums: dict[str, float] = {}
-        self._count = 0
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -60,26 +61,13 @@ class LossTerms:
                 out[f"{e.key}/{name}"] = e.weight * value
         return out
 
-    def discriminator_step(self, step: StepBatch, phase: str) -> None:
-        for e, opt in zip(self.entries, self.optimizers):
-            if phase not in e.phases or opt is None:
-                continue
-            if e.term.separate_discriminator:
-                opt.zero_grad(set_to_none=True)
-                losses = e.term.discriminator_losses(step)
-                sum(losses.values()).backward()
-                for name, value in losses.items():
-                    key = f"{e.key}/{name}"
-                    self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self._count += 1
+    def discriminator_losses(self, step: StepBatch, phase: str) -> dict[str, torch.Tensor]:
+        """The unweighted losses of the separate discriminators active in ``phase`` (``<key>/<loss>``)."""
+        return {f"{e.key}/{name}": value for e in self._active(phase) if e.term.separate_discriminator
+                for name, value in e.term.discriminator_losses(step).items()}
 
-    def take_means(self) -> dict[str, float]:
-        """Mean discriminator losses since the last call (for the round's record)."""
-        out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
-        self._sums, self._count = {}, 0
-        return out
+    def active_optimizers(self, phase: str) -> list[torch.optim.Optimizer]:
+        return [o for e, o in zip(self.entries, self.optimizers) if phase in e.phases and o is not None]
 
     def state_dict(self) -> dict[str, Any]:
         return {"terms": [e.term.state_dict() for e in self.entries],
@@ -94,3 +82,29 @@ class LossTerms:
 
     def _active(self, phase: str) -> list[WeightedTerm]:
         return [e for e in self.entries if phase in e.phases]
+
+
+class DiscriminatorUpdate(HookBase):
+    """Step hook: after each micro-batch's backward, the separate discriminators' losses on the
+    step's detached outputs are back-propagated through the runner's scaler; the discriminators'
+    optimisers then step with the model's. Their losses are averaged for the round's record."""
+
+    def __init__(self, terms: LossTerms, phase: str) -> None:
+        self.terms, self.phase = terms, phase
+        self.meter = LossMeter()
+
+    def after_backward(self, runner: StepRunner, step: int, result: StepResult) -> None:
+        with runner.autocast():
+            losses = self.terms.discriminator_losses(result.batch, self.phase)
+        if losses:
+            runner.backward(sum(losses.values()))
+            self.meter.add({k: v / runner.accumulate for k, v in losses.items()})
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.terms.active_optimizers(self.phase)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.meter.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.meter.load_state_dict(state)

@@ -16,6 +16,7 @@ from selftrain.losses import (
     BSR,
     DANN,
     LOSSES,
+    DiscriminatorUpdate,
     LossTerms,
     OutputSpace,
     WeightedTerm,
@@ -25,6 +26,7 @@ from selftrain.losses import (
     grad_reverse,
     reverse_gradient,
 )
+from selftrain.training import StepResult, StepRunner, make_scheduler
 from selftrain.types import StepBatch, StepOutputs
 
 
@@ -225,15 +227,25 @@ def test_output_space_losses_and_discriminator_step():
     terms.prepare("cpu")
     losses = terms.losses(step, "rounds")
     assert losses["output_space/adv"].item() == pytest.approx(0.001 * expected.item(), rel=1e-6)
-    sum(losses.values()).backward()  # the generator's pass also leaves gradients in D ...
-    before = [p.detach().clone() for p in d.parameters()]
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in d.parameters())  # the model's loss leaves nothing in D ...
+    assert all(p.grad is not None for p in model.parameters())  # ... and reaches the segmenter through D
+    assert all(p.requires_grad for p in d.parameters())
     opt = terms.optimizers[0]
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.9, 0.99)
     assert opt.defaults["lr"] == 1e-4
-    terms.discriminator_step(step, "rounds")  # ... which the discriminator's own step discards
-    assert all(not torch.equal(b, p) for b, p in zip(before, d.parameters()))
-    assert all(p.grad is None for p in d.parameters())
-    assert set(terms.take_means()) == {"output_space/d"}
+    assert terms.active_optimizers("rounds") == [opt] and set(terms.discriminator_losses(step, "rounds")) == {
+        "output_space/d"}
+
+
+def one_step(terms: LossTerms, step: StepBatch, phase: str) -> DiscriminatorUpdate:
+    """One step runner step on a model-free step function: the terms' losses, then the discriminators."""
+    hook = DiscriminatorUpdate(terms, phase)
+    dummy = nn.Parameter(torch.zeros(()))
+    opt = torch.optim.SGD([dummy], lr=0.0)
+    runner = StepRunner(optimizer=opt, scheduler=make_scheduler(opt, "constant", 1), hooks=[hook])
+    runner.step(lambda i: StepResult({**terms.losses(step, phase), "dummy": dummy * 0}, step), 0)
+    return hook
 
 
 def test_output_space_step_equals_one_adam_step_on_the_discriminator_loss_alone():
@@ -248,8 +260,8 @@ def test_output_space_step_equals_one_adam_step_on_the_discriminator_loss_alone(
                      progress=0.0)
     terms = LossTerms([WeightedTerm(key="os", weight=1.0, term=term)])
     terms.prepare("cpu")
-    sum(terms.losses(step, "rounds").values()).backward()
-    terms.discriminator_step(step, "rounds")
+    hook = one_step(terms, step, "rounds")
+    assert set(hook.meter.means(1)) == {"os/d"}
     opt = torch.optim.Adam(twin.parameters(), lr=1e-4, betas=(0.9, 0.99))
     twin.discriminator_losses(step)["d"].backward()
     opt.step()
@@ -271,8 +283,9 @@ def test_loss_terms_weight_once_respect_phases_and_round_trip_state():
     assert terms.losses(step, "rounds") == {}
     weighted = terms.losses(step, "source")["dann/domain"]
     assert weighted.item() == pytest.approx(0.25 * term(step)["domain"].item(), rel=1e-6)
-    weighted.backward()
-    terms.discriminator_step(step, "source")
+    before = [p.detach().clone() for p in term.parameters()]
+    assert one_step(terms, step, "source").meter.sums == {}  # a GRL term has no losses of its own
+    assert all(not torch.equal(b, p) for b, p in zip(before, term.parameters()))  # but its D stepped
     state = terms.state_dict()
     other = DANN(hidden=4, schedule="constant")
     other.attach(adapter, "detection")
