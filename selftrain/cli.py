@@ -240,15 +240,23 @@ def labels_diff(run: str, a: int, b: int, as_json: bool) -> None:
 @labels.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--round", "round_index", required=True, type=int)
-@click.option("--format", "fmt", required=True, type=click.Choice(["png", "cityscapes", "voc", "coco"]))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", required=True, metavar="png|cityscapes|voc|coco",
+              help="png, cityscapes (segmentation); voc, coco (detection).")
+@click.option("--out", required=True, help="A new or empty folder (or an earlier export, with --overwrite).")
+@click.option("--images", default="link", show_default=True, metavar="link|copy|none",
+              help="Put the images beside the labels as links to the data set's files, as copies, or not at all; "
+                   "images rendered in memory are written as files for link and copy.")
+@click.option("--split", default="train", show_default=True,
+              help="Split name in the layout (ImageSets/Main/<split>.txt, annotations/instances_<split>.json, ...).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier export in --out (never a folder holding other files).")
 @user_errors
-def labels_export(run: str, round_index: int, fmt: str, out: str) -> None:
-    """Write one round as label PNGs (png, cityscapes) or box files (voc, coco)."""
+def labels_export(run: str, round_index: int, fmt: str, out: str, images: str, split: str, overwrite: bool) -> None:
+    """Write one round in the layout another tool reads: label PNGs (png, cityscapes) or boxes (voc, coco)."""
     from .export import export_round
 
-    n = export_round(run, round_index, out, fmt)
-    click.echo(f"wrote {n} images of round {round_index} as {fmt} to {out}")
+    n = export_round(run, round_index, out, fmt, images=images, split=split, overwrite=overwrite)
+    click.echo(f"wrote {n} images of round {round_index} as {fmt} to {out} (images: {images})")
 
 
 @main.command("list")

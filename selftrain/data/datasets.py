@@ -2,7 +2,8 @@
 
 ``image`` is float32 [3, H, W] normalised with ImageNet statistics, ``label`` int64 [H, W] with
 ``ignore_index`` for unlabelled pixels (all-ignore when the split has no ground truth), ``id`` a
-string that names the image in pseudo-label files.
+string that names the image in pseudo-label files. Data sets list their ``ids`` in order and
+name each image's file with ``image_path(index)`` (None when the image is rendered in memory).
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ class SynthStreet(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def ids(self) -> list[str]:
+        """Image ids in data-set order, as samples name them."""
+        return [f"{self.split}_{i:05d}" for i in range(self.num_images)]
+
+    def image_path(self, index: int) -> None:
+        """None: the images are rendered in memory, there is no file to copy or link."""
+        return None
+
     def _render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
@@ -140,6 +150,15 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def ids(self) -> list[str]:
+        """Image ids (file stems) in data-set order."""
+        return [p.stem for p in self.images]
+
+    def image_path(self, index: int) -> Path:
+        """The image file of ``index``."""
+        return self.images[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.images[index]

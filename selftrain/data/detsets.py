@@ -152,7 +152,8 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------- data sets
 class DetectionSet(Dataset):
     """Sample assembly shared by the detection sets: subclasses set ``ids``, ``class_names`` and
-    ``with_labels`` and implement ``_image(index)`` (uint8 [H, W, 3]) and ``ground_truth(index)``."""
+    ``with_labels`` and implement ``_image(index)`` (uint8 [H, W, 3]), ``ground_truth(index)`` and
+    ``image_path(index)`` (the image file, None when the image is rendered in memory)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -189,6 +190,10 @@ class DetectionFiles(DetectionSet):
         self.ids, self.class_names, self.known = [it.id for it in self.items], tuple(class_names), known
         self.reader, self.keep_difficult, self.with_labels = reader, keep_difficult, with_labels
         self._cache: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int]]] = {}  # parsed once per index
+
+    def image_path(self, index: int) -> Path:
+        """The image file of ``index``."""
+        return self.items[index].image
 
     def ground_truth(self, index: int) -> dict[str, torch.Tensor]:
         """{"boxes", "labels", "difficult"} of image ``index``, read without decoding the image."""
@@ -404,6 +409,10 @@ class SynthShapes(DetectionSet):
     def _image(self, index: int) -> np.ndarray:
         return self._render(index).image
 
+    def image_path(self, index: int) -> None:
+        """None: the images are rendered in memory, there is no file to copy or link."""
+        return None
+
     def ground_truth(self, index: int) -> dict[str, torch.Tensor]:
         """{"boxes", "labels", "difficult"} of image ``index`` even when ``with_labels`` is off."""
         r = self._render(index)
@@ -428,3 +437,6 @@ def build_det_dataset(name: str, *, root: str | None, split: str, options: dict[
         valid = sorted(set(params) - {"root", "split"})
         raise DataError(f"detection data set {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
     return ctor(**kwargs)
+
+
+from . import coco  # noqa: E402,F401  (registers the coco data set)

@@ -7,7 +7,8 @@ train ids (the official table of ``cityscapesscripts``), SYNTHIA ids -> 16 class
 
 Every data set takes ``list_file`` (ids, one per line, selecting a subset), ``with_labels``,
 ``ignore_index`` and ``num_classes``, has ``class_names`` and ``ids``, and offers ``label(i)``
-(the mapped label without decoding the image) and ``ground_truth(i)`` for reporting.
+(the mapped label without decoding the image), ``ground_truth(i)`` for reporting and
+``image_path(i)`` (the image file, for exports that copy or link it).
 """
 
 from __future__ import annotations
@@ -244,6 +245,10 @@ class PairedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def image_path(self, index: int) -> Path:
+        """The image file of ``index`` (as stored: before any ``resize``)."""
+        return self.pairs[index].image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]

@@ -127,17 +127,19 @@ def test_export_png_and_cityscapes(tiny_run, tmp_path):
     with h5py.File(tiny_run / "pseudo" / "round_002.h5", "r") as f:
         ids = [x.decode() for x in f["image_ids"][()]]
     for k in (0, len(ids) - 1):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / f"{ids[k]}.png")), labels[k])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "labels" / f"{ids[k]}.png")), labels[k])
+        assert (tmp_path / "png" / "images" / f"{ids[k]}.png").is_file()
     code, _, err = run_cli("labels", "export", tiny_run, "--round", 2, "--format", "cityscapes", "--out", tmp_path / "cs")
     assert code == 0, err
-    exported = np.asarray(Image.open(tmp_path / "cs" / f"{ids[0]}_pseudo_labelIds.png"))
+    city = tmp_path / "cs" / "gtFine" / "train" / "synth_street"
+    exported = np.asarray(Image.open(city / f"{ids[0]}_gtFine_labelIds.png"))
     # synth classes in order: road 7, sidewalk 8, building 11, vegetation 21, sky 23, car 26, pole 17,
     # traffic sign 20, person 24, bicycle 33 (cityscapesscripts label ids); unselected -> 0
     table = np.array([7, 8, 11, 21, 23, 26, 17, 20, 24, 33])
     expected = np.where(labels[0] == 255, 0, table[np.minimum(labels[0], 9)])
     assert np.array_equal(exported, expected)
     code, _, err = run_cli("labels", "export", tiny_run, "--round", 2, "--format", "coco", "--out", tmp_path / "c")
-    assert code == 2 and "png, cityscapes" in err
+    assert code == 2 and "png, cityscapes" in err and not (tmp_path / "c").exists()
 
 
 def write_detection_round(path: Path, r: int, boxes_per_image: list[list[tuple]]) -> None:

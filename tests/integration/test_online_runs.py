@@ -105,6 +105,7 @@ def test_data_synth_detection_writes_a_voc_layout(tmp_path):
 
 
 def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
+    import math
     import xml.etree.ElementTree as ET
 
     from PIL import Image
@@ -120,7 +121,7 @@ def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
         ids = list(reader.image_ids)
     code, _, err = run_cli("labels", "export", out, "--round", 1, "--format", "coco", "--out", tmp_path / "coco")
     assert code == 0, err
-    doc = json.loads((tmp_path / "coco" / "pseudo_round_001.json").read_text())
+    doc = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())
     assert len(doc["images"]) == 10 and len(doc["annotations"]) == sum(len(f["labels"]) for f in found)
     assert doc["images"][0]["width"] == 128 and [c["name"] for c in doc["categories"]][0] == "car"
     first = next(i for i, f in enumerate(found) if len(f["labels"]))
@@ -131,7 +132,8 @@ def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
     assert code == 0, err
     root = ET.parse(tmp_path / "voc" / "Annotations" / f"{ids[first]}.xml").getroot()
     assert len(root.findall("object")) == len(found[first]["labels"])
-    assert int(root.find("object/bndbox/xmin").text) == round(x0) + 1
+    assert int(root.find("object/bndbox/xmin").text) == math.floor(x0 + 0.5) + 1
+    assert (tmp_path / "voc" / "JPEGImages" / root.findtext("filename")).is_file()
 
 
 def test_list_datasets_names_both_tasks():
