@@ -6,14 +6,23 @@ Contract (``task = "detection"``). Builders take ``num_classes = K``, the number
 
 - ``predict(images)``: eval mode, no grad; ``images`` a list of [3, H, W] tensors in [0, 1] or a
   [B, 3, H, W] tensor. One :class:`DetPrediction` per image: the post-NMS detections and the
-  pre-NMS candidates that SRRS needs (``raw_boxes`` [N, 4], ``raw_probs`` [N, K + 1]), all in the
-  input image's pixels. Candidates are those whose highest foreground probability is at least
-  ``raw_score_thresh`` (0.01), at most ``raw_candidates`` (1000) of them, highest first.
-  SSD: one candidate per anchor (decoded box, clipped). Faster R-CNN: one per RoI-head proposal,
-  with the class-specific box of its argmax foreground class. That is the box the detection of
-  that class comes from, so every final detection is supported by the candidate that produced it
-  (IoU 1), as with SSD, where a detection is a decoded anchor box; the class-agnostic proposal box
-  would be an unrefined, worse-localised stand-in.
+  pre-NMS candidates that SRRS needs, all in the input image's pixels.
+  ``srrs_candidates`` (every builder) picks which candidates SRRS collects supporting regions
+  from (Kim et al. 2019, Algorithm 1: "O", the outputs before NMS; ``selftrain.detection``):
+  - ``per_class`` (default): ``class_candidates``, the per-class lists the model's own
+    post-processing hands to NMS. SSD: per class c, the default boxes decoded and clipped with
+    P(c) > ``score_thresh`` (0.01), at most ``topk_candidates`` (400, torchvision's) per class.
+    Faster R-CNN: per class c, every proposal's class-c box with P(c) > ``score_thresh`` (0.05),
+    boxes under 0.01 px removed, no top-k (torchvision's RoI head has none). NMS of these lists is
+    exactly the final detections, so each detection is supported by itself (IoU 1).
+  - ``any_class``: ``class_candidates`` is None and SRRS reads ``raw_boxes`` [N, 4] /
+    ``raw_probs`` [N, K + 1], which every prediction carries in both modes: the candidates whose
+    highest foreground probability is at least ``raw_score_thresh`` (0.01), at most
+    ``raw_candidates`` (1000), highest first. SSD: one per anchor (decoded box, clipped). Faster
+    R-CNN: one per RoI-head proposal, with the class-specific box of its argmax foreground class
+    (the box the detection of that class comes from, so every final detection is supported by the
+    candidate that produced it, IoU 1; the class-agnostic proposal box would be an unrefined,
+    worse-localised stand-in).
 - ``forward_train(images, targets, *, negatives="hard", box_loss=True)``: train mode. ``targets``:
   one {"boxes": float [M, 4], "labels": int64 [M]} per image, M may be 0; ``None`` gives no task
   losses (logits and feature taps only, for alignment terms). Losses are named and unweighted:
@@ -56,7 +65,8 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou, clip_boxes_to_image
 
-from selftrain.detection import NEGATIVE_MODES, negative_mask
+from selftrain.detection import NEGATIVE_MODES, check_srrs_candidates, class_candidates, negative_mask
+from selftrain.errors import ConfigError
 from selftrain.types import DetPrediction, StepOutputs
 
 from . import ADAPTERS
@@ -72,11 +82,17 @@ class DetectionAdapter:
     dense_logits = False  # True when ``forward_train``'s logits hold one row per default box (SSD)
 
     def __init__(self, *, model: nn.Module, num_classes: int, raw_score_thresh: float = 0.01,
-                 raw_candidates: int = 1000) -> None:
+                 raw_candidates: int = 1000, srrs_candidates: str = "per_class") -> None:
         self.model = model
         self.num_classes = num_classes
         self.raw_score_thresh = raw_score_thresh
         self.raw_candidates = raw_candidates
+        self.srrs_candidates = check_srrs_candidates(srrs_candidates)
+
+    @property
+    def per_class(self) -> bool:
+        """Whether predictions carry the per-class pre-NMS lists (``srrs_candidates: per_class``)."""
+        return self.srrs_candidates == "per_class"
 
     def to(self, device: str | torch.device) -> DetectionAdapter:
         self.model.to(device)
@@ -111,14 +127,18 @@ class DetectionAdapter:
         return out
 
     def _predictions(self, dets: Targets, candidates: list[Tensor], probs, sizes: list[tuple[int, int]],
-                     originals: list[tuple[int, int]]) -> list[DetPrediction]:
-        """Post-NMS detections plus, per image, the raw candidates (clipped to the network's frame)."""
+                     originals: list[tuple[int, int]], per_class: Targets | None = None) -> list[DetPrediction]:
+        """Post-NMS detections plus, per image, the raw candidates (clipped to the network's frame)
+        and, with ``per_class`` (the network's frame), the per-class pre-NMS lists."""
         out = []
         for i, det in enumerate(dets):
             raw_boxes, raw_probs = self._raw(clip_boxes_to_image(candidates[i], sizes[i]), probs[i], sizes[i],
                                              originals[i])
+            lists = None
+            if per_class is not None:  # the same resize as the detections', so each finds itself at IoU 1
+                lists = {**per_class[i], "boxes": resize_boxes(per_class[i]["boxes"], sizes[i], originals[i])}
             out.append(DetPrediction(boxes=det["boxes"], scores=det["scores"], labels=det["labels"],
-                                     raw_boxes=raw_boxes, raw_probs=raw_probs))
+                                     raw_boxes=raw_boxes, raw_probs=raw_probs, class_candidates=lists))
         return out
 
     def _raw(self, boxes: Tensor, probs: Tensor, size: tuple[int, int], original: tuple[int, int]
@@ -151,6 +171,14 @@ def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def srrs_option(value: str) -> str:
+    """A builder's ``srrs_candidates``, checked as the recipe value it is (a one-line error in the CLI)."""
+    try:
+        return check_srrs_candidates(value)
+    except ValueError as exc:
+        raise ConfigError(f"model.options.{exc}") from None
 
 
 def check_mode(negatives: str) -> None:
@@ -191,7 +219,11 @@ class SSDAdapter(DetectionAdapter):
         dets = m.transform.postprocess(dets, batch.image_sizes, originals)
         probs = head["cls_logits"].float().softmax(-1)
         candidates = [m.box_coder.decode_single(head["bbox_regression"][i], anchors[i]) for i in range(len(dets))]
-        return self._predictions(dets, candidates, probs, batch.image_sizes, originals)
+        per_class = None
+        if self.per_class:  # SSD.postprocess_detections up to its batched_nms
+            per_class = [class_candidates(clip_boxes_to_image(b, s), p, m.score_thresh, m.topk_candidates)
+                         for b, p, s in zip(candidates, probs, batch.image_sizes)]
+        return self._predictions(dets, candidates, probs, batch.image_sizes, originals, per_class)
 
     def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
                       negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
@@ -298,7 +330,8 @@ class TinySSDBackbone(nn.Module):
 @ADAPTERS.register("tiny_ssd")
 def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride: int = 4,
              score_thresh: float = 0.01, nms_thresh: float = 0.45, detections_per_img: int = 100,
-             raw_score_thresh: float = 0.01, raw_candidates: int = 1000) -> SSDAdapter:
+             raw_score_thresh: float = 0.01, raw_candidates: int = 1000,
+             srrs_candidates: str = "per_class") -> SSDAdapter:
     """A small single-shot detector (torchvision SSD, tiny conv backbone) for tests and the CPU demo.
 
     Default boxes span 8 % to 85 % of the image over four maps (10 to 109 px at 128 px), with
@@ -310,7 +343,9 @@ def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride
     a small object often has no default box at IoU 0.5, only its best one; on the synthetic
     benchmark such a detector scores half the target mAP. ``size`` must be a multiple of
     the last map's stride (64, or 32). ``num_classes`` = K object classes, background added.
+    ``srrs_candidates``: ``per_class`` or ``any_class`` (module docstring).
     """
+    srrs_option(srrs_candidates)
     last = first_stride * 8
     if size % last:
         raise ValueError(f"tiny_ssd size must be a multiple of {last} (stride of its last map), got {size}")
@@ -318,7 +353,7 @@ def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride
     model = SSD(TinySSDBackbone(width, first_stride), anchors, (size, size), num_classes + 1,
                 score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
     return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                      raw_candidates=raw_candidates)
+                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
 
 
 def vgg16_features() -> nn.Module:
@@ -348,17 +383,18 @@ _VGG_NORMS = {"caffe": ([0.48235, 0.45882, 0.40784], [1.0 / 255.0] * 3),
 def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel_norm: str = "caffe",
                  trainable_backbone_layers: int | None = None, score_thresh: float = 0.01,
                  nms_thresh: float = 0.45, detections_per_img: int = 200, raw_score_thresh: float = 0.01,
-                 raw_candidates: int = 1000) -> SSDAdapter:
+                 raw_candidates: int = 1000, srrs_candidates: str = "per_class") -> SSDAdapter:
     """SSD300 with a VGG-16 backbone (Liu et al. 2016), the detector of WST/BSR, as torchvision builds it.
 
     Inputs are resized to 300 x 300 (the VGG extra layers need at least 268 px; the default boxes are
     SSD300's). ``backbone_weights``: a local torchvision VGG-16 state dict (``features.*`` keys;
     ``classifier.*`` is ignored); with it only the last ``trainable_backbone_layers`` (default 4 of
     5: conv1 frozen) VGG stages train, as in torchvision. ``pixel_norm`` must fit those weights.
-    ``num_classes`` = K object classes, background added.
+    ``num_classes`` = K object classes, background added; ``srrs_candidates`` as in the module docstring.
     """
     from torchvision.models.detection.ssd import _vgg_extractor
 
+    srrs_option(srrs_candidates)
     if pixel_norm not in _VGG_NORMS:
         raise ValueError(f"unknown pixel_norm {pixel_norm!r}; valid: {', '.join(_VGG_NORMS)}")
     vgg = vgg16_features()
@@ -372,7 +408,7 @@ def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel
                 image_std=std, score_thresh=score_thresh, nms_thresh=nms_thresh,
                 detections_per_img=detections_per_img)
     return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                      raw_candidates=raw_candidates)
+                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
 
 
 # --------------------------------------------------------------------------- Faster R-CNN
@@ -406,7 +442,11 @@ class FasterRCNNAdapter(DetectionAdapter):
         probs = logits.float().softmax(-1).split(per_image)
         best = [p[:, 1:].argmax(1) + 1 for p in probs]  # one box per proposal: its argmax foreground class's
         candidates = [b[torch.arange(len(c), device=c.device), c] for b, c in zip(class_boxes, best)]
-        return self._predictions(dets, candidates, probs, batch.image_sizes, originals)
+        per_class = None
+        if self.per_class:  # RoIHeads.postprocess_detections up to its batched_nms
+            per_class = [class_candidates(clip_boxes_to_image(b, s), p, rh.score_thresh, min_size=1e-2)
+                         for b, p, s in zip(class_boxes, probs, batch.image_sizes)]
+        return self._predictions(dets, candidates, probs, batch.image_sizes, originals, per_class)
 
     def forward_train(self, images: Tensor | list[Tensor], targets: Targets | None = None, *,
                       negatives: str = "hard", box_loss: bool = True) -> StepOutputs:
@@ -482,7 +522,7 @@ def sampled_loss(loss: Tensor, labels: list[Tensor], negatives: str) -> Tensor:
 
 def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
                  trainable_backbone_layers: int | None, raw_score_thresh: float, raw_candidates: int,
-                 **options: Any) -> FasterRCNNAdapter:
+                 srrs_candidates: str = "per_class", **options: Any) -> FasterRCNNAdapter:
     """torchvision's Faster R-CNN builders, but with backbone weights from a local file.
 
     As in torchvision, a pretrained backbone gets frozen batch norm and trains only its last
@@ -492,6 +532,7 @@ def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
     from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    srrs_option(srrs_candidates)
     norm = FrozenBatchNorm2d if backbone_weights else nn.BatchNorm2d
     most = 5 if body == "resnet50" else 6
     trainable = trainable_backbone_layers
@@ -512,19 +553,20 @@ def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
         model = FasterRCNN(_mobilenet_extractor(net, True, trainable), num_classes + 1,
                            rpn_anchor_generator=anchors, rpn_score_thresh=0.05, **options)
     return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                             raw_candidates=raw_candidates)
+                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
 
 
 def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) -> None:
     def build(*, num_classes: int, backbone_weights: str | None = None, min_size: int = min_size,
               max_size: int = max_size, trainable_backbone_layers: int | None = None,
               score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-              raw_score_thresh: float = 0.01, raw_candidates: int = 1000) -> FasterRCNNAdapter:
+              raw_score_thresh: float = 0.01, raw_candidates: int = 1000,
+              srrs_candidates: str = "per_class") -> FasterRCNNAdapter:
         return _faster_rcnn(body, num_classes=num_classes, backbone_weights=backbone_weights,
                             trainable_backbone_layers=trainable_backbone_layers, min_size=min_size,
                             max_size=max_size, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
                             box_detections_per_img=detections_per_img, raw_score_thresh=raw_score_thresh,
-                            raw_candidates=raw_candidates)
+                            raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
 
     build.__doc__ = (f"Faster R-CNN with a {body} FPN backbone (torchvision); ``num_classes`` = K object "
                      "classes, background added; ``backbone_weights`` a local ImageNet state dict.")
@@ -564,7 +606,7 @@ def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, w
                      anchor_sizes: list[int] | None = None, trainable_backbone_layers: int | None = None,
                      min_size: int = 600, max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,
                      detections_per_img: int = 100, raw_score_thresh: float = 0.01,
-                     raw_candidates: int = 1000) -> FasterRCNNAdapter:
+                     raw_candidates: int = 1000, srrs_candidates: str = "per_class") -> FasterRCNNAdapter:
     """Faster R-CNN on VGG-16, the detector of DA Faster R-CNN, SWDA, SCDA and HTCN (py-faster-rcnn's).
 
     conv5_3 features (stride 16, no FPN), anchors 128/256/512 px at ratios 0.5/1/2 (scales 8, 16,
@@ -577,6 +619,7 @@ def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, w
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
+    srrs_option(srrs_candidates)
     trainable = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if backbone_weights else 5)
     if not 0 <= trainable <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5 for VGG-16, got {trainable}")
@@ -595,4 +638,4 @@ def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, w
                        box_predictor=FastRCNNPredictor(width, num_classes + 1), box_score_thresh=score_thresh,
                        box_nms_thresh=nms_thresh, box_detections_per_img=detections_per_img)
     return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                             raw_candidates=raw_candidates)
+                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)

@@ -10,17 +10,39 @@ and guards against both error types of those pseudo-labels:
 
 Everything here is a pure function on tensors. Boxes are xyxy in pixels with continuous
 coordinates (no +1); class 0 is background and detection labels are 1..K.
+
+Supporting regions. Algorithm 1 collects them from O, "the detector's outputs before NMS", and the
+paper does not say more. Two readings are implemented (the adapter option ``srrs_candidates``):
+
+- ``per_class`` (the default): O as SSD itself forms it before NMS (Liu et al. 2016; torchvision's
+  ``SSD.postprocess_detections``): for each class c, the boxes decoded for c with P(c) above the
+  model's score threshold (0.01), at most ``topk_candidates`` (400) of them, highest first; NMS
+  reduces these per-class lists to the final detections O*. A detection of class c* is then
+  supported by the class-c* candidates with IoU >= delta (:func:`class_candidates`,
+  :func:`srrs_per_class`). For Faster R-CNN the lists are the RoI head's (every proposal's
+  class-c box with P(c) > its score threshold, 0.05, tiny boxes removed, no top-k).
+- ``any_class``: one candidate per default box (RoI) whose best foreground probability is at least
+  0.01, the box of that best class; every neighbour counts, also those weak in c*. This was the
+  only reading before; it gives bit for bit the same numbers as then.
+
+``per_class`` is the default because it is the output NMS acts on, so O and O* are the two ends of
+SSD's own post-processing, as Algorithm 1 has them; ``any_class`` adds regions that SSD never
+considers as class-c* outputs and pulls the mean of Eq. 3 down with their small P(c*).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.ops import box_iou as _tv_box_iou
 
+from .types import DetPrediction
+
 NEGATIVE_MODES = ("hard", "weak", "none")
+SRRS_CANDIDATES = ("per_class", "any_class")  # readings of "the outputs before NMS" (module docstring)
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -59,6 +81,116 @@ def srrs(
     total = (iou * class_prob * support).sum(dim=1)
     count = support.sum(dim=1)
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def check_srrs_candidates(value: str) -> str:
+    """``value`` when it names a reading of the supporting-region candidates, else a ValueError."""
+    if value not in SRRS_CANDIDATES:
+        raise ValueError(f"srrs_candidates must be one of {', '.join(SRRS_CANDIDATES)}, got {value!r}")
+    return value
+
+
+def class_candidates(
+    boxes: torch.Tensor,
+    probs: torch.Tensor,
+    score_thresh: float,
+    topk: int | None = None,
+    min_size: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """A detector's per-class outputs before NMS: the set O of Algorithm 1 (Kim et al. 2019).
+
+    For each class c = 1..K in order, the candidates with ``P(c) > score_thresh``, then (RoI head)
+    those with both sides >= ``min_size`` removed otherwise, then (SSD) the ``topk`` highest in
+    descending score. This is torchvision's ``SSD.postprocess_detections`` with ``topk =
+    topk_candidates`` and shared boxes, and ``RoIHeads.postprocess_detections`` with ``min_size =
+    1e-2``, class-specific boxes and no top-k, up to (but without) ``batched_nms``; the RoI head's
+    order is proposal by proposal there, class by class here (NMS and SRRS do not depend on it).
+
+    Shape:
+        boxes: [A, 4] one box for every class (SSD: the decoded default box) or [A, K + 1, 4] one
+        per class (Faster R-CNN: the class-specific regression), clipped; probs: [A, K + 1] softmax
+        -> {"boxes": [N, 4], "scores": [N] = P(label), "labels": [N] int64 in 1..K}.
+    """
+    out_boxes, out_scores, out_labels = [], [], []
+    for c in range(1, probs.shape[1]):
+        score = probs[:, c]
+        keep = score > score_thresh
+        score, box = score[keep], (boxes if boxes.dim() == 2 else boxes[:, c])[keep]
+        if min_size is not None:
+            large = ((box[:, 2] - box[:, 0]) >= min_size) & ((box[:, 3] - box[:, 1]) >= min_size)
+            score, box = score[large], box[large]
+        if topk is not None:
+            score, idx = score.topk(min(topk, score.numel()))
+            box = box[idx]
+        out_boxes.append(box)
+        out_scores.append(score)
+        out_labels.append(torch.full_like(score, c, dtype=torch.int64))
+    return {"boxes": torch.cat(out_boxes).reshape(-1, 4), "scores": torch.cat(out_scores),
+            "labels": torch.cat(out_labels)}
+
+
+def srrs_per_class(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    final_boxes: torch.Tensor,
+    final_labels: torch.Tensor,
+    delta: float = 0.5,
+) -> torch.Tensor:
+    """SRRS (Eq. 3) with supporting regions taken from the per-class pre-NMS lists (``per_class``).
+
+    The supporting regions of a final detection ``r*`` of class ``c*`` are the class-``c*``
+    candidates ``r_i`` with ``IoU(r_i, r*) >= delta``; ``P(c*|r_i)`` is their score. As NMS keeps
+    one of those candidates as ``r*``, ``N_s >= 1``; a detection without support (not produced by
+    these lists) scores 0, as in :func:`srrs`.
+
+    Shape:
+        boxes: [N, 4], scores: [N], labels: [N] in 1..K (:func:`class_candidates`); final_boxes:
+        [M, 4]; final_labels: [M]  ->  [M].
+    """
+    if not boxes.shape[0] == scores.shape[0] == labels.shape[0]:
+        raise ValueError(f"srrs_per_class: {boxes.shape[0]} boxes, {scores.shape[0]} scores, {labels.shape[0]} labels")
+    iou = box_iou(final_boxes, boxes)  # [M, N]
+    support = (iou >= delta) & (labels.reshape(1, -1) == final_labels.reshape(-1, 1))
+    total = (iou * scores.to(iou.dtype).reshape(1, -1) * support).sum(dim=1)
+    count = support.sum(dim=1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def prediction_srrs(pred: DetPrediction, delta: float = 0.5) -> torch.Tensor:
+    """SRRS of every final detection of one image, from the candidates the adapter handed over.
+
+    ``pred.class_candidates`` (the adapter's ``srrs_candidates: per_class``) -> :func:`srrs_per_class`;
+    otherwise ``raw_boxes``/``raw_probs`` (``any_class``) -> :func:`srrs`. Shape: -> [M].
+    """
+    if pred.class_candidates is not None:
+        c = pred.class_candidates
+        return srrs_per_class(c["boxes"], c["scores"], c["labels"], pred.boxes, pred.labels, delta)
+    if pred.raw_boxes is None or pred.raw_probs is None:
+        raise ValueError("SRRS needs the adapter's pre-NMS candidates (DetPrediction.class_candidates or "
+                         "raw_boxes/raw_probs)")
+    return srrs(pred.raw_boxes, pred.raw_probs, pred.boxes, pred.labels, delta)
+
+
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+
+
+def selection_summary(values: torch.Tensor, epsilon: float) -> dict[str, Any]:
+    """What a threshold saw: how many final detections, how many reach ``epsilon``, the quantiles.
+
+    Quantiles interpolate linearly between order statistics (``numpy.quantile``'s default); None
+    without detections. Shape: values [M] (SRRS or scores of every final detection) -> a JSON-ready
+    dict {"epsilon", "detections", "at_least_epsilon", "share", "quantiles": {"p50", "p90", "p99", "max"}}.
+    """
+    values = values.detach().reshape(-1).double().cpu()
+    n = int(values.numel())
+    kept = int((values >= epsilon).sum())
+    quantiles = None
+    if n:
+        q = torch.quantile(values, torch.tensor(list(QUANTILES.values()), dtype=torch.float64))
+        quantiles = {k: float(v) for k, v in zip(QUANTILES, q)}
+    return {"epsilon": float(epsilon), "detections": n, "at_least_epsilon": kept,
+            "share": kept / n if n else None, "quantiles": quantiles}
 
 
 def keep_by_srrs(scores: torch.Tensor, epsilon: float = 0.8) -> torch.Tensor:

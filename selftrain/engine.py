@@ -202,7 +202,8 @@ class Engine:
         """Labels per class of the stored round (and their precision), for metrics.jsonl and the plots."""
         threshold = float(getattr(self.policy, "threshold", float("nan")))
         return {"selected_pixels": stored.counts, "thresholds": [threshold] * len(stored.counts),
-                "precision": stored.precision, "precision_overall": stored.precision_overall, "selected_share": None}
+                "precision": stored.precision, "precision_overall": stored.precision_overall, "selected_share": None,
+                **stored.extra_record()}
 
     def _mine(self, predicted_pixels: list[int]) -> list[int]:
         if not self.plan.mining.enabled:

@@ -3,7 +3,9 @@
 Counts come from the pseudo-label files themselves (``selected_pixels`` as the writer stored it,
 or a scan of ``labels`` with ``recount=True``; boxes are always counted from ``labels``);
 precision and the model's score after each round come from ``metrics.jsonl``, which the engine
-fills where the target set has ground truth.
+fills where the target set has ground truth; so does, for online detection rounds, what the
+policy's threshold saw (``pseudo.selection``: SRRS or score quantiles of the final detections and
+the share at or above epsilon), which tells why a round kept few boxes or none.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class RoundStats:
     precision_overall: float | None
     metric: str | None  # "mIoU" or "mAP"
     score: float | None
+    selection: dict[str, Any] | None = None  # online detection: metrics.jsonl's pseudo.selection
 
     @property
     def total(self) -> int:
@@ -135,7 +138,7 @@ def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = 
         round=int(meta["round"]), policy=meta.get("policy"), portion=_float(meta.get("portion")), images=len(reader),
         unit="pixels" if reader.task == "segmentation" else "boxes", counts=counts, labelled_share=share,
         thresholds=thresholds, precision=pseudo.get("precision"), precision_overall=pseudo.get("precision_overall"),
-        metric=metric, score=score,
+        metric=metric, score=score, selection=pseudo.get("selection"),
     )
 
 
@@ -198,6 +201,9 @@ def format_summary(rows: Sequence[RoundStats], class_names: Sequence[str]) -> st
     lines = [head]
     for row in rows:
         lines.append(_round_line(row))
+    selected = [row for row in rows if row.selection]
+    if selected:
+        lines += ["", *_selection_table(selected)]
     labelled = [row for row in rows if row.counts]
     if labelled:
         lines += ["", *_class_table("share of labels %", labelled, class_names, lambda r, c: _pct(r.shares()[c]))]
@@ -219,6 +225,23 @@ def _round_line(row: RoundStats) -> str:
     score = "-" if row.score is None else f"{row.metric} {row.score:.1f}"
     images = row.images or "-"
     return f"{row.round:>5} {row.policy or '-':>8} {portion:>8} {images:>7} {labelled:>16} {precision:>10} {score:>12}"
+
+
+def _selection_table(rows: Sequence[RoundStats]) -> list[str]:
+    """Per online detection round: the criterion's quantiles over all final detections, how many reach
+    epsilon, and the precision of the boxes kept."""
+    lines = ["final detections of the target images: the criterion the threshold epsilon is applied to",
+             f"{'round':>5} {'criterion':>9} {'candidates':>10} {'epsilon':>7} {'detections':>10} {'>= eps':>7} "
+             f"{'share %':>7} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6} {'kept prec %':>11}"]
+    for row in rows:
+        s, q = row.selection, row.selection.get("quantiles") or {}
+        share = "-" if s.get("share") is None else f"{100 * s['share']:.2f}"
+        precision = "-" if row.precision_overall is None else f"{100 * row.precision_overall:.1f}"
+        cells = "".join(f" {'-' if q.get(k) is None else format(q[k], '.3f'):>6}" for k in ("p50", "p90", "p99", "max"))
+        lines.append(f"{row.round:>5} {s.get('criterion') or '-':>9} {s.get('candidates') or '-':>10} "
+                     f"{s['epsilon']:>7.3f} {s['detections']:>10} {s['at_least_epsilon']:>7} {share:>7}{cells}"
+                     f" {precision:>11}")
+    return lines
 
 
 def _class_table(title: str, rows: Sequence[RoundStats], class_names: Sequence[str], cell) -> list[str]:

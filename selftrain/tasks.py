@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import Augment, DetAugment, photometric
+from .detection import selection_summary
 from .errors import DataError
 from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, voc_ap
 from .progress import progress
@@ -28,11 +29,23 @@ from .types import StepOutputs
 @dataclass(frozen=True)
 class StoredLabels:
     """What an online round stored: labels (pixels or boxes) per class and, when the target set
-    has ground truth (reporting only, never trained on), their precision per class and overall."""
+    has ground truth (reporting only, never trained on), their precision per class and overall.
+
+    ``selection`` (detection): what the policy's threshold saw over the final detections of every
+    target image, so that a round that kept nothing says why: ``criterion`` ("srrs" or "score"),
+    ``candidates`` (the SRRS reading, "per_class" / "any_class", None for the score) and
+    :func:`selftrain.detection.selection_summary` (epsilon, detections, how many reach it, share,
+    quantiles).
+    """
 
     counts: list[int]
     precision: list[float | None] | None = None
     precision_overall: float | None = None
+    selection: dict[str, Any] | None = None
+
+    def extra_record(self) -> dict[str, Any]:
+        """Keys the round record's ``pseudo`` part gets beyond counts and precision (none for segmentation)."""
+        return {} if self.selection is None else {"selection": self.selection}
 
 
 class SegmentationTask:
@@ -154,16 +167,20 @@ class DetectionTask:
     @torch.no_grad()
     def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
                      progress_value: float) -> StoredLabels:
-        """Store the pseudo-boxes of every target image at the end of the round."""
+        """Store the pseudo-boxes of every target image at the end of the round, and report what the
+        threshold saw (``StoredLabels.selection``)."""
         loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
         counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
         scored = BoxPrecision(self.data.num_classes)
         truth = getattr(dataset, "ground_truth", None)
+        epsilon, values, per_class = policy.epsilon(progress_value), [], False
         index = 0
         for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
-            made = policy.detections(teacher.predict(self.images(batch, device)), progress_value)
-            for image_id, m in zip(batch["id"], made):
-                m = {k: v.cpu() for k, v in m.items()}
+            for image_id, pred in zip(batch["id"], teacher.predict(self.images(batch, device))):
+                reliability = policy.reliability(pred)
+                values.append(reliability.detach().cpu())
+                per_class = per_class or pred.class_candidates is not None
+                m = {k: v.cpu() for k, v in policy.keep(pred, reliability, epsilon).items()}
                 counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
                 writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
                                      m["srrs"].numpy())
@@ -174,9 +191,17 @@ class DetectionTask:
                         truth = None
                 index += 1
         writer.finish()
+        selection = _selection(policy.criterion, values, epsilon, per_class)
         if truth is None:
-            return StoredLabels(counts.tolist())
-        return StoredLabels(counts.tolist(), scored.precision(), scored.overall())
+            return StoredLabels(counts.tolist(), selection=selection)
+        return StoredLabels(counts.tolist(), scored.precision(), scored.overall(), selection=selection)
+
+
+def _selection(criterion: str, values: list[torch.Tensor], epsilon: float, per_class: bool) -> dict[str, Any]:
+    """``StoredLabels.selection`` from the criterion values of every image's final detections ([M_i] each)."""
+    candidates = ("per_class" if per_class else "any_class") if criterion == "srrs" else None
+    return {"criterion": criterion, "candidates": candidates,
+            **selection_summary(torch.cat(values) if values else torch.zeros(0), epsilon)}
 
 
 def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

@@ -68,6 +68,8 @@ class DetPrediction:
         boxes: [M, 4] float32 xyxy in pixels of the input image; scores: [M]; labels: [M] int64 in 1..K.
         raw_boxes: [N, 4] the pre-NMS candidate boxes (decoded, clipped), or None.
         raw_probs: [N, K + 1] softmax class probabilities of the candidates (column 0 = background), or None.
+        class_candidates: the per-class pre-NMS lists that NMS reduced to ``boxes`` (adapter option
+        ``srrs_candidates: per_class``): {"boxes": [N', 4], "scores": [N'], "labels": [N'] in 1..K}, or None.
     """
 
     boxes: torch.Tensor
@@ -75,3 +77,4 @@ class DetPrediction:
     labels: torch.Tensor
     raw_boxes: torch.Tensor | None = None
     raw_probs: torch.Tensor | None = None
+    class_candidates: dict[str, torch.Tensor] | None = None

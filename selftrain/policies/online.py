@@ -8,7 +8,10 @@
   from a strong view; detections above a confidence threshold, or for segmentation every pixel's
   argmax weighted by the share of pixels above the threshold (DACS/DAFormer, arXiv:2111.14887).
 
-Each class holds settings only; the maths is in :mod:`selftrain.detection`.
+Each class holds settings only; the maths is in :mod:`selftrain.detection`. Detection policies share
+one shape: ``reliability(pred)`` is the value of every final detection that the threshold
+``epsilon(progress)`` is compared with (``criterion``: "srrs" or "score"), ``keep`` applies it, and
+``detections`` does both for a batch; a round's report reads the first two (what was kept and why).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..detection import ABLATION_ROWS, NEGATIVE_MODES, epsilon_schedule, srrs
+from ..detection import ABLATION_ROWS, NEGATIVE_MODES, epsilon_schedule, prediction_srrs
 from ..types import DetPrediction, SegPseudoLabels
 
 
@@ -39,6 +42,16 @@ class _Online:
 
     def teacher_options(self) -> dict[str, Any]:
         return {}
+
+
+def kept_boxes(pred: DetPrediction, keep: torch.Tensor, srrs_values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The pseudo-boxes of one image: ``boxes`` [K, 4], ``labels``, ``scores``, ``srrs`` [K] (NaN without SRRS).
+
+    Shape: keep bool [M] over the final detections; srrs_values [M] or None.
+    """
+    reliability = srrs_values if srrs_values is not None else torch.full_like(pred.scores, math.nan)
+    return {"boxes": pred.boxes[keep], "labels": pred.labels[keep], "scores": pred.scores[keep],
+            "srrs": reliability[keep]}
 
 
 class WeakSelfTraining(_Online):
@@ -67,23 +80,26 @@ class WeakSelfTraining(_Online):
         self.threshold = threshold if threshold is not None else (0.8 if srrs else 0.9)
         self.schedule, self.box_loss = schedule, box_loss
 
+    @property
+    def criterion(self) -> str:
+        return "srrs" if self.use_srrs else "score"
+
     def epsilon(self, progress: float) -> float:
         return epsilon_schedule(min(max(progress, 0.0), 1.0)) if self.schedule else self.threshold
 
+    def reliability(self, pred: DetPrediction) -> torch.Tensor:
+        """SRRS (Eq. 3, from the candidates the adapter gave: ``selftrain.detection.prediction_srrs``)
+        or the score of every final detection. Shape: -> [M]."""
+        return prediction_srrs(pred, self.delta) if self.use_srrs else pred.scores
+
+    def keep(self, pred: DetPrediction, values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
+        """Algorithm 1, line 8 (or the score threshold): the detections whose ``values >= epsilon``."""
+        return kept_boxes(pred, values >= epsilon, values if self.use_srrs else None)
+
     def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
         """Pseudo-boxes per image: ``boxes`` [K, 4], ``labels`` [K], ``scores`` [K], ``srrs`` [K] (NaN without SRRS)."""
-        return [self._one(p, self.epsilon(progress)) for p in preds]
-
-    def _one(self, pred: DetPrediction, epsilon: float) -> dict[str, torch.Tensor]:
-        if self.use_srrs:
-            if pred.raw_boxes is None or pred.raw_probs is None:
-                raise ValueError("SRRS needs the raw candidates (DetPrediction.raw_boxes/raw_probs) from the adapter")
-            reliability = srrs(pred.raw_boxes, pred.raw_probs, pred.boxes, pred.labels, self.delta)
-        else:
-            reliability = torch.full_like(pred.scores, math.nan)
-        keep = (reliability if self.use_srrs else pred.scores) >= epsilon
-        return {"boxes": pred.boxes[keep], "labels": pred.labels[keep], "scores": pred.scores[keep],
-                "srrs": reliability[keep]}
+        epsilon = self.epsilon(progress)
+        return [self.keep(p, self.reliability(p), epsilon) for p in preds]
 
 
 class MeanTeacher(_Online):
@@ -105,16 +121,22 @@ class MeanTeacher(_Online):
         self.name, self.threshold, self.decay = "mean_teacher", threshold, decay
         self.negatives, self.box_loss, self.ignore_index = negatives, box_loss, ignore_index
 
+    criterion = "score"
+
     def teacher_options(self) -> dict[str, Any]:
         return {"decay": self.decay}
 
+    def epsilon(self, progress: float) -> float:
+        return self.threshold
+
+    def reliability(self, pred: DetPrediction) -> torch.Tensor:
+        return pred.scores
+
+    def keep(self, pred: DetPrediction, values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
+        return kept_boxes(pred, values >= epsilon, None)
+
     def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for p in preds:
-            keep = p.scores >= self.threshold
-            out.append({"boxes": p.boxes[keep], "labels": p.labels[keep], "scores": p.scores[keep],
-                        "srrs": torch.full_like(p.scores[keep], math.nan)})
-        return out
+        return [self.keep(p, p.scores, self.threshold) for p in preds]
 
     def segmentation(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SegPseudoLabels]:
         """Teacher logits [B, C, H, W] -> (targets [B, H, W] = argmax, weight [B] = share of pixels with

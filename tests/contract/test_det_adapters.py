@@ -9,7 +9,7 @@ from torchvision.ops import box_iou
 
 from selftrain.adapters import ADAPTERS, create_adapter
 from selftrain.adapters.detection import sampled_loss
-from selftrain.errors import DataError
+from selftrain.errors import ConfigError, DataError
 from selftrain.types import DetPrediction, StepOutputs
 
 K = 3
@@ -93,6 +93,44 @@ def test_predict_returns_valid_detections(adapter):
         assert box_iou(pred.boxes[:1], pred.raw_boxes[best : best + 1]).item() > 0.999
         assert pred.raw_probs[best, pred.labels[0]].item() == pytest.approx(pred.scores[0].item(), abs=1e-5)
     assert len(adapter.predict(torch.rand(3, 3, 64, 64))) == 3 and adapter.predict([]) == []
+
+
+def test_per_class_candidates_hold_every_detection(name, adapter):
+    """``srrs_candidates: per_class`` (the default): the per-class pre-NMS lists of the model's own
+    post-processing; each final detection is one of its class's candidates, with its score."""
+    assert adapter.srrs_candidates == "per_class"
+    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 112)]
+    threshold = adapter.model.score_thresh if is_ssd(name) else adapter.model.roi_heads.score_thresh
+    for pred, image in zip(adapter.predict(images), images):
+        c = pred.class_candidates
+        n = len(c["boxes"])
+        assert c["boxes"].shape == (n, 4) and c["scores"].shape == c["labels"].shape == (n,) and n >= len(pred.boxes)
+        assert ((c["labels"] >= 1) & (c["labels"] <= K)).all() and (c["scores"] > threshold).all()
+        h, w = image.shape[-2:]
+        assert (c["boxes"] >= -1e-3).all() and (c["boxes"][:, [0, 2]] <= w + 1e-3).all()
+        for box, score, label in zip(pred.boxes, pred.scores, pred.labels):
+            same = (c["boxes"] == box).all(1) & (c["labels"] == label)
+            assert same.any() and torch.equal(c["scores"][same][:1], score[None])
+
+
+def test_any_class_predicts_the_same_without_the_lists(name, adapter):
+    """``any_class`` changes nothing but the missing lists: the reading before issue 15, bit for bit."""
+    other = create_adapter(name, num_classes=K, srrs_candidates="any_class", **SMALL[name])
+    other.model = adapter.model
+    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 112)]
+    torch.manual_seed(0)
+    ours = adapter.predict(images)
+    torch.manual_seed(0)
+    theirs = other.predict(images)
+    for a, b in zip(ours, theirs):
+        assert b.class_candidates is None and a.class_candidates is not None
+        for key in ("boxes", "scores", "labels", "raw_boxes", "raw_probs"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_unknown_srrs_candidates_names_the_valid_values(name):
+    with pytest.raises(ConfigError, match="srrs_candidates must be one of per_class, any_class, got 'all'"):
+        create_adapter(name, num_classes=K, srrs_candidates="all", **SMALL[name])
 
 
 def test_forward_train_gives_named_losses_and_gradients(name, adapter):

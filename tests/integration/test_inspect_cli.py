@@ -162,13 +162,25 @@ def test_detection_summary_and_diff(tmp_path):
                           [[(1, 0, 10, 10, 1), (20, 20, 40, 40, 3)], [(5, 5, 9, 9, 2), (50, 50, 60, 60, 2)]])
     pseudo = {"selected_pixels": [1, 2, 1], "thresholds": [0.8] * 3, "precision": [1.0, 0.5, None],
               "precision_overall": 2 / 3}  # what an online round writes: its threshold lives only here
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "phase": "online", "pseudo": pseudo}) + "\n")
+    nothing = {"selected_pixels": [0, 0, 0], "thresholds": [0.8] * 3, "precision": [None] * 3,
+               "precision_overall": None,
+               "selection": {"criterion": "srrs", "candidates": "any_class", "epsilon": 0.8, "detections": 812,
+                             "at_least_epsilon": 0, "share": 0.0,
+                             "quantiles": {"p50": 0.0213, "p90": 0.0871, "p99": 0.1432, "max": 0.4409}}}
+    write_detection_round(run / "pseudo" / "round_003.h5", 3, [[], []])
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "phase": "online", "pseudo": pseudo}) + "\n"
+                                       + json.dumps({"round": 3, "phase": "online", "pseudo": nothing}) + "\n")
     code, out, err = run_cli("labels", "summary", run, "--json")
     assert code == 0, err
     rows = {row["round"]: row for row in json.loads(out)["rounds"]}
     assert rows[1]["counts"] == [1, 1, 0] and rows[2]["counts"] == [1, 2, 1] and rows[2]["unit"] == "boxes"
     assert rows[1]["thresholds"] is None and rows[2]["thresholds"] == [0.8] * 3
     assert rows[2]["precision"] == [1.0, 0.5, None] and rows[2]["precision_overall"] == pytest.approx(2 / 3)
+    assert rows[3]["selection"] == nothing["selection"] and rows[2]["selection"] is None and rows[3]["total"] == 0
+    code, text, _ = run_cli("labels", "summary", run)  # why round 3 kept nothing: SRRS tops out at 0.44 < 0.8
+    line = next(line for line in text.splitlines() if line.split()[:3] == ["3", "srrs", "any_class"])
+    assert line.split() == ["3", "srrs", "any_class", "0.800", "812", "0", "0.00", "0.021", "0.087", "0.143",
+                            "0.441", "-"]
     code, out, _ = run_cli("labels", "diff", run, 1, 2, "--json")
     doc = json.loads(out)
     assert doc["kept"] == [1, 0, 0] and doc["added"] == [0, 2, 0]

@@ -51,6 +51,17 @@ def test_detection_policies_run_and_store_boxes(det_tiny_recipe, tmp_path, polic
             assert total > 0 and all(np.isfinite(f["srrs"]).all() for f in found)
         else:
             assert all(np.isnan(f["srrs"]).all() for f in found)
+        # what the threshold saw: every final detection's SRRS (wst) or score, and how many reach epsilon
+        selection = pseudo["selection"]
+        assert selection["criterion"] == ("srrs" if policy == "wst" else "score")
+        assert selection["candidates"] == ("per_class" if policy == "wst" else None)
+        assert selection["epsilon"] == (0.9 if policy == "det_st" else 0.0)
+        assert selection["at_least_epsilon"] == total <= selection["detections"]
+        q = selection["quantiles"]
+        assert 0.0 <= q["p50"] <= q["p90"] <= q["p99"] <= q["max"] <= 1.0
+        if policy == "wst":
+            srrs = np.concatenate([f["srrs"] for f in found])
+            assert selection["detections"] == total and q["max"] == pytest.approx(float(srrs.max()), abs=1e-6)
     ckpt = torch.load(out / "checkpoints" / "round_002.pt", weights_only=False)
     assert (ckpt["teacher"] is not None and "model" in ckpt["teacher"]) == (policy == "mean_teacher")
 
@@ -86,6 +97,7 @@ def test_segmentation_mean_teacher(tiny_recipe, tmp_path):
     (["policy.name=cbst"], "does not work for detection"),
     (["policy.name=wst", "policy.options={bogus: 1}"], "policy.options do not fit"),
     (["model.name=tiny_seg", "model.options={}"], "segmentation model"),
+    (["model.options.srrs_candidates=all"], "srrs_candidates must be one of per_class, any_class"),
 ])
 def test_detection_recipe_errors(det_tiny_recipe, tmp_path, setting, message):
     args = [a for s in setting for a in ("--set", s)]
