@@ -153,6 +153,14 @@ class DetectionAdapter:
         return resize_boxes(boxes[keep], size, original), probs[keep]
 
 
+def grids(features: list[Tensor]) -> list[Tensor]:
+    """Float32 stand-ins of the feature maps for the anchor generators, which read only their grid
+    size, dtype and device: anchors and default boxes stay float32 under mixed precision, and with
+    them box coding, matching, NMS and the losses (mmdetection's ``force_fp32`` for the same reason:
+    half-precision box coordinates are off by up to 4 px at 1,000 px in bfloat16)."""
+    return [f.new_empty(tuple(f.shape[-2:]), dtype=torch.float32) for f in features]
+
+
 def image_list(images: Tensor | list[Tensor]) -> list[Tensor]:
     """A [B, 3, H, W] tensor, one [3, H, W] tensor or a list of them -> list of [3, H, W]."""
     if isinstance(images, Tensor):
@@ -245,8 +253,8 @@ class SSDAdapter(DetectionAdapter):
         m = self.model
         batch, targets = m.transform(images, targets)
         features = list(m.backbone(batch.tensors).values())
-        head = m.head(features)
-        return batch, targets, head, m.anchor_generator(batch, features)
+        head = {k: v.float() for k, v in m.head(features).items()}
+        return batch, targets, head, m.anchor_generator(batch, grids(features))
 
     def _match(self, anchors: Tensor, target: dict[str, Tensor]) -> Tensor:
         """Matched ground-truth index per anchor, -1 for background (torchvision's SSDMatcher)."""
@@ -432,8 +440,8 @@ class FasterRCNNAdapter(DetectionAdapter):
         originals = [tuple(im.shape[-2:]) for im in images]
         batch, _ = m.transform(images)
         features = m.backbone(batch.tensors)
-        proposals, _ = m.rpn(batch, features)
-        logits, regression = rh.box_predictor(rh.box_head(rh.box_roi_pool(features, proposals, batch.image_sizes)))
+        proposals, _ = self._rpn(batch, features, None, "hard", True)
+        logits, regression = self._box_predictor(features, proposals, batch.image_sizes)
         boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, batch.image_sizes)
         dets = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, labels)]
         dets = m.transform.postprocess(dets, batch.image_sizes, originals)
@@ -460,8 +468,7 @@ class FasterRCNNAdapter(DetectionAdapter):
         proposals, losses = self._rpn(batch, features, targets, negatives, box_loss)
         if targets is not None:
             proposals, _, labels, regression_targets = rh.select_training_samples(proposals, targets)
-        roi = rh.box_head(rh.box_roi_pool(features, proposals, batch.image_sizes))
-        logits, regression = rh.box_predictor(roi)
+        logits, regression, roi = self._box_predictor(features, proposals, batch.image_sizes, with_roi=True)
         if targets is not None:
             _, box = fastrcnn_loss(logits, regression, labels, regression_targets)
             ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
@@ -475,8 +482,8 @@ class FasterRCNNAdapter(DetectionAdapter):
         """torchvision's ``RegionProposalNetwork.forward`` with the objectness loss of ``negatives``."""
         rpn = self.model.rpn
         maps = list(features.values())
-        objectness, deltas = rpn.head(maps)
-        anchors = rpn.anchor_generator(batch, maps)
+        objectness, deltas = ([x.float() for x in out] for out in rpn.head(maps))
+        anchors = rpn.anchor_generator(batch, grids(maps))
         per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         decoded = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
@@ -494,6 +501,15 @@ class FasterRCNNAdapter(DetectionAdapter):
         box = F.smooth_l1_loss(deltas[positive], regression_targets[positive], beta=1 / 9, reduction="sum")
         return proposals, {"rpn_cls": sampled_loss(bce, sampled, negatives),
                            "rpn_box": box / count if box_loss else deltas.sum() * 0.0}
+
+
+    def _box_predictor(self, features: dict[str, Tensor], proposals: list[Tensor], sizes, with_roi: bool = False):
+        """Class logits and box regression of the RoI head (float32), and its pooled features when asked."""
+        rh = self.model.roi_heads
+        pooled = rh.box_roi_pool({k: v.float() for k, v in features.items()}, proposals, sizes)
+        roi = rh.box_head(pooled)
+        logits, regression = (x.float() for x in rh.box_predictor(roi))
+        return (logits, regression, roi) if with_roi else (logits, regression)
 
 
 def sampled_loss(loss: Tensor, labels: list[Tensor], negatives: str) -> Tensor:
