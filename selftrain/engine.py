@@ -19,15 +19,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from .checkpoint import (RunDir, StepCheckpoint, link_atomic, load_checkpoint, rng_state, save_checkpoint,
                          save_state, set_rng_state)
 from .data.transforms import PseudoLabeled
 from .losses import DiscriminatorUpdate, LossTerms
-from .phases import Phase, Plan, RoundSpec, RunData, open_streams, round_phase, source_phase, step_function
-from .policies.functional import rare_classes
+from .phases import (Phase, Plan, RoundSpec, RunData, mined_classes, open_streams, round_phase, source_phase,
+                     step_function)
 from .pseudo import label_target
 from .store import PseudoLabelWriter, open_round, written_by
 from .tasks import StoredLabels
@@ -110,7 +109,8 @@ class Engine:
             state = None
             save_state(self.run_dir.step, self._state(spec.index, 0, labeling=labeling))
         with open_round(self.run_dir.pseudo(spec.index)) as reader:
-            mined = self.task.augment(PseudoLabeled(self.data.target, reader), self._mine(labeling["predicted_pixels"]))
+            mined = self.task.augment(PseudoLabeled(self.data.target, reader),
+                                      mined_classes(self.plan.mining, labeling["predicted_pixels"]))
             phase = self._round_phase(spec, mined, "supervised", f"round {spec.index}: fine-tune")
             losses = self._train(phase, state if state and state["step"] > 0 else None, labeling=labeling)
         self._finish_round(spec.index, {"phase": "self_training", "portion": spec.portion, "lr": spec.lr,
@@ -127,7 +127,8 @@ class Engine:
         with self.precision.autocast():
             stored = self._store_online(spec, progress_value=phase.progress(spec.steps))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
-                                        "steps": spec.steps, "losses": losses, "pseudo": self._online_summary(stored)})
+                                        "steps": spec.steps, "losses": losses,
+                                        "pseudo": stored.record(float(getattr(self.policy, "threshold", float("nan"))))})
 
     def _round_phase(self, spec: RoundSpec, target: Dataset, use: str, desc: str) -> Phase:
         return round_phase(spec, self.plan, task=self.task, data=self.data, target=target, use=use, desc=desc,
@@ -184,11 +185,10 @@ class Engine:
         )
 
     def _label(self, spec: RoundSpec):
-        path = self.run_dir.pseudo(spec.index)
         with self._writer(spec, spec.portion, spec.index - 1) as writer:
             return label_target(
                 adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
-                writer=writer, scratch=path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
+                writer=writer, scratch=writer.path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
                 device=self.device, ignore_index=self.data.ignore_index, tta=self.data.pseudo_tta,
             )
 
@@ -197,19 +197,6 @@ class Engine:
         with self._writer(spec, 1.0, spec.index) as writer:
             return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
                                           progress_value=min(progress_value, 1.0))
-
-    def _online_summary(self, stored: StoredLabels) -> dict[str, Any]:
-        """Labels per class of the stored round (and their precision), for metrics.jsonl and the plots."""
-        threshold = float(getattr(self.policy, "threshold", float("nan")))
-        return {"selected_pixels": stored.counts, "thresholds": [threshold] * len(stored.counts),
-                "precision": stored.precision, "precision_overall": stored.precision_overall, "selected_share": None,
-                **stored.extra_record()}
-
-    def _mine(self, predicted_pixels: list[int]) -> list[int]:
-        if not self.plan.mining.enabled:
-            return []
-
-        return rare_classes(torch.tensor(predicted_pixels), self.plan.mining.rare_share).tolist()
 
     # -- evaluation, checkpoints, resume ---------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .policies.functional import rare_classes
 from .streams import BatchStream
 from .training import OptimSpec, StepResult
 from .tta import TestTimeAugment
@@ -89,6 +90,13 @@ class Plan:
     batch_target: int
     mining: Mining = field(default_factory=Mining)
     init_checkpoint: str | None = None
+
+
+def mined_classes(mining: Mining, predicted_pixels: Sequence[int]) -> list[int]:
+    """The classes whose crops hard-sample mining centres on (none when mining is off)."""
+    if not mining.enabled:
+        return []
+    return rare_classes(torch.tensor(list(predicted_pixels)), mining.rare_share).tolist()
 
 
 def plan_rounds(*, count: int, portion, source_share, steps: int | None, target_epochs: float, n_target: int,

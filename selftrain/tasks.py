@@ -43,9 +43,13 @@ class StoredLabels:
     precision_overall: float | None = None
     selection: dict[str, Any] | None = None
 
-    def extra_record(self) -> dict[str, Any]:
-        """Keys the round record's ``pseudo`` part gets beyond counts and precision (none for segmentation)."""
-        return {} if self.selection is None else {"selection": self.selection}
+    def record(self, threshold: float) -> dict[str, Any]:
+        """The ``pseudo`` part of the round's record in metrics.jsonl (read by the plots and ``labels``):
+        counts and precision per class, the policy's one ``threshold`` per class, and ``selection``."""
+        extra = {} if self.selection is None else {"selection": self.selection}
+        return {"selected_pixels": self.counts, "thresholds": [threshold] * len(self.counts),
+                "precision": self.precision, "precision_overall": self.precision_overall, "selected_share": None,
+                **extra}
 
 
 class SegmentationTask:

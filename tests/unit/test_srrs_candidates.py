@@ -206,9 +206,10 @@ def test_selection_summary_against_numpy():
 
 
 def test_stored_labels_add_the_selection_to_the_round_record_only_when_there_is_one():
-    assert StoredLabels([1, 2]).extra_record() == {}
+    assert "selection" not in StoredLabels([1, 2]).record(0.8)
     selection = {"criterion": "srrs", "candidates": "per_class", **selection_summary(torch.tensor([0.5]), 0.8)}
-    assert StoredLabels([1, 2], selection=selection).extra_record() == {"selection": selection}
+    record = StoredLabels([1, 2], selection=selection).record(0.8)
+    assert record["selection"] == selection and record["thresholds"] == [0.8, 0.8]
     assert math.isclose(selection["quantiles"]["max"], 0.5)
 
 
