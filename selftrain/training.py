@@ -207,12 +207,13 @@ class StepRunner:
         optimizers = [self.optimizer] + [o for h in self.hooks for o in h.optimizers()]
         for h in self.hooks:
             h.before_step(step)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
         losses: dict[str, torch.Tensor] = {}
-        for _ in range(self.accumulate):
+        for micro in range(self.accumulate):
             with self.autocast():
                 result = step_fn(step)
+            if micro == 0:  # after the forward pass, as detectron2's SimpleTrainer: on the CPU the
+                for opt in optimizers:  # freed gradients' memory then goes to this backward, not the forward
+                    opt.zero_grad(set_to_none=True)
             self.backward(sum(result.losses.values()))
             for h in self.hooks:
                 h.after_backward(self, step, result)

@@ -114,7 +114,7 @@ def test_per_class_candidates_hold_every_detection(name, adapter):
 
 
 def test_any_class_predicts_the_same_without_the_lists(name, adapter):
-    """``any_class`` changes nothing but the missing lists: the reading before issue 15, bit for bit."""
+    """``any_class`` changes nothing but the missing lists: the older single-list reading, bit for bit."""
     other = create_adapter(name, num_classes=K, srrs_candidates="any_class", **SMALL[name])
     other.model = adapter.model
     images = [torch.rand(3, 96, 128), torch.rand(3, 128, 112)]
