@@ -48,26 +48,28 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. rounds.count=2.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete round.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-round tables.")
 @user_errors
 def run(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bool, quiet: bool) -> None:
-    """Run a recipe: round 0, then the self-training rounds."""
+    """Run a recipe (a YAML file or a built-in name, see `selftrain recipes list`): round 0, then
+    the self-training rounds."""
     from .build import build_engine
+    from .catalog import resolve_recipe
     from .config import load_recipe
 
     _setup_logging(quiet)
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(resolve_recipe(recipe), overrides)
     out_dir = Path(out) if out else Path("runs") / cfg.name
     build_engine(cfg, out_dir).run(resume=resume)
     click.echo(f"run directory: {out_dir}")
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @user_errors
@@ -75,12 +77,13 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     """Evaluate a checkpoint on the recipe's target val set."""
     from .build import build_adapter, build_data, resolve_device
     from .callbacks import format_eval
+    from .catalog import resolve_recipe
     from .checkpoint import load_checkpoint
     from .config import load_recipe
     from .tasks import build_task
     from .training import Precision
 
-    cfg = load_recipe(recipe, overrides)
+    cfg = load_recipe(resolve_recipe(recipe), overrides)
     data = build_data(cfg)
     if data.target_val is None:
         raise UserError("the recipe has no data.target_val; add a labelled target val set to evaluate")
@@ -127,17 +130,50 @@ def data_synth(out: str, seed: int, num_source: int, num_target_train: int, num_
 
 
 @data.command("check")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. data.source.root=/data/gta5.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Count class frequencies over the first N images of each split only.")
 @user_errors
 def data_check(recipe: str, overrides: tuple[str, ...], limit: int | None) -> None:
     """Build the recipe's data sets, check every image has its label, print class frequencies."""
+    from .catalog import resolve_recipe
     from .config import load_recipe
     from .data.check import check_data, format_report
 
     _setup_logging(quiet=False)
-    click.echo(format_report(check_data(load_recipe(recipe, overrides), limit=limit)))
+    click.echo(format_report(check_data(load_recipe(resolve_recipe(recipe), overrides), limit=limit)))
+
+
+@main.group()
+def recipes() -> None:
+    """The built-in recipes: list them, copy one to edit."""
+
+
+@recipes.command("list")
+@user_errors
+def recipes_list() -> None:
+    """Name, task, policy, rounds and what each built-in recipe runs or reproduces."""
+    from .catalog import describe
+
+    rows = describe()
+    width = max(len(r.name) for r in rows)
+    click.echo(f"{'name':<{width}}  {'task':<12}  {'policy':<12}  rounds  about")
+    for r in rows:
+        policy = r.policy if r.rounds else "(source)"
+        click.echo(f"{r.name:<{width}}  {r.task:<12}  {policy:<12}  {r.rounds:>6}  {r.about}")
+    click.echo("\nrun one with `selftrain run NAME`, copy one to edit with `selftrain recipes cp NAME PATH`")
+
+
+@recipes.command("cp")
+@click.argument("name")
+@click.argument("path", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@user_errors
+def recipes_cp(name: str, path: str, force: bool) -> None:
+    """Copy built-in recipe NAME to PATH (a .yaml file or a folder), its extends chain merged in."""
+    from .catalog import copy_recipe
+
+    click.echo(f"wrote {copy_recipe(name, path, force=force)}")
 
 
 @main.group()
@@ -146,7 +182,7 @@ def priors() -> None:
 
 
 @priors.command("build")
-@click.option("--dataset", required=True, help="A recipe (its data.source is used) or a data set name.")
+@click.option("--dataset", required=True, help="A recipe file or built-in recipe name (its data.source is used), or a data set name.")
 @click.option("--root", default=None, help="Data set root (with a data set name).")
 @click.option("--split", default="", help="Data set split (with a data set name).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Data set option (with a name).")
@@ -291,22 +327,24 @@ def list_cmd(what: str) -> None:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output folder  [default: runs/demo, runs/detdemo with --task detection]")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--recipes", "recipes_dir", default="recipes", show_default=True, type=click.Path(file_okay=False))
+@click.option("--recipes", "recipes_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder with the demo's recipes  [default: the built-in ones]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Applied to every recipe.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
 @click.option("--task", type=click.Choice(["segmentation", "detection"]), default="segmentation", show_default=True,
               help="segmentation: ST/CBST/CBST-SP on street scenes; detection: ST/WST/mean teacher on shapes.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def demo(out: str | None, seeds: str, recipes_dir: str, overrides: tuple[str, ...], resume: bool, task: str,
+def demo(out: str | None, seeds: str, recipes_dir: str | None, overrides: tuple[str, ...], resume: bool, task: str,
          quiet: bool) -> None:
     """Source only and every policy on an embedded synthetic benchmark, then a comparison."""
+    from .catalog import builtin_root
     from .demo import run_demo
 
     _setup_logging(quiet)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     out = out or ("runs/detdemo" if task == "detection" else "runs/demo")
-    click.echo(run_demo(out=Path(out), seeds=seed_list, recipes_dir=Path(recipes_dir),
+    click.echo(run_demo(out=Path(out), seeds=seed_list, recipes_dir=Path(recipes_dir) if recipes_dir else builtin_root(),
                         overrides=list(overrides), resume=resume, task=task))
 
 

@@ -188,13 +188,18 @@ class RunConfig:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a recipe (following ``extends:``), apply ``key.path=value`` overrides, validate."""
-    raw = _read_chain(Path(path), seen=())
+    raw = read_chain(path)
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key, value)
     cfg = from_dict(RunConfig, raw, "")
     _check_values(cfg)
     return cfg
+
+
+def read_chain(path: str | Path) -> dict[str, Any]:
+    """The recipe's keys with its ``extends:`` chain merged in (no overrides, not validated)."""
+    return _read_chain(Path(path), seen=())
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

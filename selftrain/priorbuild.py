@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .build import build_dataset_from
+from .catalog import builtin_names, resolve_recipe
 from .config import load_recipe, parse_override
 from .data.datasets import build_dataset
 from .errors import ConfigError, DataError, UserError
@@ -18,8 +19,8 @@ from .progress import progress
 def _source_dataset(dataset: str, root: str | None, split: str, options: Sequence[str],
                     num_classes: int | None, overrides: Sequence[str] = ()):
     """A recipe's data.source, or a registered data set named on the command line."""
-    if dataset.endswith((".yaml", ".yml")):
-        cfg = load_recipe(dataset, list(overrides))
+    if dataset.endswith((".yaml", ".yml")) or dataset in builtin_names():
+        cfg = load_recipe(resolve_recipe(dataset), list(overrides))
         ds = build_dataset_from(cfg.data.source, cfg, with_labels=True)
         return ds, cfg.data.num_classes, cfg.data.ignore_index, f"{dataset}: data.source ({cfg.data.source.name})"
     opts = dict(parse_override(o) for o in options)

@@ -1,0 +1,1 @@
+"""The built-in recipes (YAML files, installed as ``selftrain.recipes``; see README.md here)."""
