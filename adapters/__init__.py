@@ -1,16 +1,15 @@
-"""Model adapters, installed as ``selftrain.adapters``: one registry of segmenters."""
+"""Model adapters, installed as ``selftrain.adapters``: segmenters and detectors behind one registry.
+
+The modules below register their adapters when this package is imported, in this fixed order;
+they import the registry from ``registry.py``, never this package.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from selftrain.registry import Registry
-
-ADAPTERS: Registry[Any] = Registry("adapter")
-
-from . import segmentation  # noqa: E402,F401  (registers the segmenters)
-from . import detection  # noqa: E402,F401  (registers the detectors)
-from . import classic  # noqa: E402,F401  (registers the CBST-paper segmenters)
+from . import classic, detection, segmentation  # noqa: F401  (registration)
+from .registry import ADAPTERS
 
 
 def create_adapter(name: str, **kwargs: Any) -> Any:

@@ -43,7 +43,7 @@ from torchvision.models import vgg
 
 from selftrain.errors import ConfigError
 
-from . import ADAPTERS
+from .registry import ADAPTERS
 from .resnet38 import ResNet38, ResNet38Head
 from .segmentation import SegmentationAdapter, load_weights
 
@@ -192,7 +192,7 @@ def _adapter(model: nn.Module, num_classes: int, ignore_index: int, channels_las
                                channels_last=channels_last, head=head)
 
 
-@ADAPTERS.register("deeplabv2")
+@ADAPTERS.register("deeplabv2", task="segmentation")
 def deeplabv2(*, num_classes: int, ignore_index: int = 255, depth: int = 101, backbone_weights: str | None = None,
               freeze_bn: bool = True, channels_last: bool = False) -> SegmentationAdapter:
     """DeepLab-v2 with ASPP-L on a dilated ResNet (output stride 8), as used by CBST and AdaptSegNet.
@@ -208,7 +208,7 @@ def deeplabv2(*, num_classes: int, ignore_index: int = 255, depth: int = 101, ba
     return _adapter(model, num_classes, ignore_index, channels_last)
 
 
-@ADAPTERS.register("fcn8s_vgg16")
+@ADAPTERS.register("fcn8s_vgg16", task="segmentation")
 def fcn8s_vgg16(*, num_classes: int, ignore_index: int = 255, width: int = 4096, backbone_weights: str | None = None,
                 channels_last: bool = False) -> SegmentationAdapter:
     """FCN-8s on VGG-16; ``width`` sets fc6/fc7 (4096 in the paper; smaller only for tests).
@@ -235,14 +235,14 @@ def _register_torchvision_fcn(name: str, depth: int) -> None:
 
     build.__doc__ = (f"torchvision FCN on a dilated ResNet-{depth} (output stride 8, no aux head); "
                      "``backbone_weights``: a local torchvision ResNet state dict.")
-    ADAPTERS.register(name)(build)
+    ADAPTERS.register(name, task="segmentation")(build)
 
 
 _register_torchvision_fcn("fcn_resnet50", 50)
 _register_torchvision_fcn("fcn_resnet101", 101)
 
 
-@ADAPTERS.register("resnet38")
+@ADAPTERS.register("resnet38", task="segmentation")
 def resnet38(*, num_classes: int, ignore_index: int = 255, backbone_weights: str | None = None,
              freeze_bn: bool = True, width_multiplier: float = 1.0, channels_last: bool = False) -> SegmentationAdapter:
     """ResNet-38 (model A1) with CBST's classifier at output stride 8.

@@ -69,7 +69,7 @@ from selftrain.detection import NEGATIVE_MODES, check_srrs_candidates, class_can
 from selftrain.errors import ConfigError
 from selftrain.types import DetPrediction, StepOutputs
 
-from . import ADAPTERS
+from .registry import ADAPTERS
 from .segmentation import load_weights
 
 Targets = list[dict[str, Tensor]]
@@ -97,6 +97,14 @@ class DetectionAdapter:
     def to(self, device: str | torch.device) -> DetectionAdapter:
         self.model.to(device)
         return self
+
+    def head_parameters(self) -> list[nn.Parameter] | None:
+        """None: detectors train with one learning rate (``optim.head_lr_mult`` must stay 1)."""
+        return None
+
+    def feature_channels(self) -> dict[str, int]:
+        """Named backbone taps of ``forward_train``'s features and their channels."""
+        return {}
 
     def parameters(self):
         return self.model.parameters()
@@ -335,7 +343,7 @@ class TinySSDBackbone(nn.Module):
         return OrderedDict((str(i), v) for i, v in enumerate(maps))
 
 
-@ADAPTERS.register("tiny_ssd")
+@ADAPTERS.register("tiny_ssd", task="detection")
 def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride: int = 4,
              score_thresh: float = 0.01, nms_thresh: float = 0.45, detections_per_img: int = 100,
              raw_score_thresh: float = 0.01, raw_candidates: int = 1000,
@@ -387,7 +395,7 @@ _VGG_NORMS = {"caffe": ([0.48235, 0.45882, 0.40784], [1.0 / 255.0] * 3),
               "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
 
 
-@ADAPTERS.register("ssd300_vgg16")
+@ADAPTERS.register("ssd300_vgg16", task="detection")
 def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel_norm: str = "caffe",
                  trainable_backbone_layers: int | None = None, score_thresh: float = 0.01,
                  nms_thresh: float = 0.45, detections_per_img: int = 200, raw_score_thresh: float = 0.01,
@@ -586,7 +594,7 @@ def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) ->
 
     build.__doc__ = (f"Faster R-CNN with a {body} FPN backbone (torchvision); ``num_classes`` = K object "
                      "classes, background added; ``backbone_weights`` a local ImageNet state dict.")
-    ADAPTERS.register(name)(build)
+    ADAPTERS.register(name, task="detection")(build)
 
 
 _register_faster_rcnn("fasterrcnn_resnet50_fpn", "resnet50", 800, 1333)
@@ -617,7 +625,7 @@ class VGG16BoxHead(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-@ADAPTERS.register("fasterrcnn_vgg16")
+@ADAPTERS.register("fasterrcnn_vgg16", task="detection")
 def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, width: int = 4096,
                      anchor_sizes: list[int] | None = None, trainable_backbone_layers: int | None = None,
                      min_size: int = 600, max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,

@@ -17,7 +17,7 @@ from torch import nn
 from selftrain.errors import DataError
 from selftrain.types import SegPrediction, StepOutputs
 
-from . import ADAPTERS
+from .registry import ADAPTERS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class SegmentationAdapter:
         """The classifier's parameters, which ``optim.head_lr_mult`` trains at a higher learning rate
         (DeepLab's 10x on ASPP); None for a model without a separate head."""
         return None if self.head is None else list(self.head.parameters())
+
+    def feature_channels(self) -> dict[str, int]:
+        """Segmenters expose no feature taps (output-space alignment works on the logits)."""
+        return {}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> SegPrediction:
@@ -139,7 +143,7 @@ def _register_smp(name: str, arch: str, default_encoder: str) -> None:
                                    channels_last=channels_last, head=model.segmentation_head)
 
     build.__doc__ = f"segmentation-models-pytorch {arch} (encoder {default_encoder} by default)."
-    ADAPTERS.register(name)(build)
+    ADAPTERS.register(name, task="segmentation")(build)
 
 
 _register_smp("smp_deeplabv3plus", "DeepLabV3Plus", "resnet101")
@@ -164,7 +168,7 @@ class TinySegNet(nn.Module):
         return self.head(self.body(x))
 
 
-@ADAPTERS.register("tiny_seg")
+@ADAPTERS.register("tiny_seg", task="segmentation")
 def tiny_seg(*, num_classes: int, ignore_index: int = 255, width: int = 16) -> SegmentationAdapter:
     """The tiny test segmenter (stride 2, upsampled to the input size)."""
     model = TinySegNet(num_classes, width)

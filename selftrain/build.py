@@ -9,8 +9,8 @@ import torch
 
 from .callbacks import ConsoleReport, MetricsWriter, PlotWriter, TensorBoardWriter
 from .checkpoint import RunDir
-from .config import DatasetSpec, RunConfig, to_yaml
-from .data.datasets import build_dataset
+from .config import RunConfig, to_yaml
+from .data import build_split, class_names, subset_metrics
 from .engine import Engine
 from .phases import Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
@@ -20,26 +20,13 @@ from .tasks import build_task
 from .tta import TestTimeAugment
 
 
-SEGMENTATION_POLICIES = ("st", "cbst", "st_sp", "cbst_sp", "mean_teacher")
-DETECTION_POLICIES = ("det_st", "wst", "mean_teacher")
-
-
-def build_dataset_from(spec: DatasetSpec, cfg: RunConfig, *, with_labels: bool) -> Any:
-    if cfg.task == "detection":
-        from .data.detsets import build_det_dataset
-
-        return build_det_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
-                                 class_names=cfg.data.class_names, with_labels=with_labels)
-    return build_dataset(spec.name, root=spec.root, split=spec.split, options=spec.options,
-                         num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index,
-                         with_labels=with_labels)
 
 
 def build_data(cfg: RunConfig) -> RunData:
     """Source (with labels), target (labels hidden from training) and target val."""
-    source = build_dataset_from(cfg.data.source, cfg, with_labels=True)
-    target = build_dataset_from(cfg.data.target, cfg, with_labels=False)
-    val = build_dataset_from(cfg.data.target_val, cfg, with_labels=True) if cfg.data.target_val else None
+    source = build_split(cfg.data.source, cfg, with_labels=True)
+    target = build_split(cfg.data.target, cfg, with_labels=False)
+    val = build_split(cfg.data.target_val, cfg, with_labels=True) if cfg.data.target_val else None
     for what, ds in (("data.source", source), ("data.target", target), ("data.target_val", val)):
         if ds is not None and len(ds) == 0:
             raise DataError(f"{what} holds no images; point it at a non-empty data set")
@@ -50,31 +37,24 @@ def build_data(cfg: RunConfig) -> RunData:
         num_workers=cfg.data.num_workers, eval_batch=cfg.eval.batch_size, pseudo_batch=cfg.pseudo_batch_size,
         eval_tta=TestTimeAugment(tuple(cfg.eval.scales), cfg.eval.flip),
         pseudo_tta=TestTimeAugment(tuple(cfg.policy.scales), cfg.policy.flip), eval_every_round=cfg.eval.every_round,
-        photometric=cfg.augment.photometric,
+        photometric=cfg.augment.photometric, subset_metrics=subset_metrics(names),
     )
 
 
 def build_target_dataset(cfg: RunConfig) -> tuple[Any, list[str]]:
     """The target training set as the run read it (labels hidden; ``ground_truth(i)`` when present)."""
-    target = build_dataset_from(cfg.data.target, cfg, with_labels=False)
+    target = build_split(cfg.data.target, cfg, with_labels=False)
     return target, class_names(cfg, target)
-
-
-def class_names(cfg: RunConfig, dataset: Any) -> list[str]:
-    """Recipe class names, else the data set's; their count must equal data.num_classes."""
-    names = cfg.data.class_names or list(getattr(dataset, "class_names", []) or [])
-    if not names:
-        return [f"class_{i}" for i in range(cfg.data.num_classes)]
-    if len(names) != cfg.data.num_classes:
-        raise ConfigError(f"data.num_classes is {cfg.data.num_classes} but the source data set has {len(names)} "
-                          f"classes ({', '.join(names)}); set data.num_classes: {len(names)}")
-    return list(names)
 
 
 def build_adapter(cfg: RunConfig) -> Any:
     from selftrain.adapters import ADAPTERS
 
-    builder = ADAPTERS.get(cfg.model.name)
+    entry = ADAPTERS.entry(cfg.model.name)
+    if not entry.supports(cfg.task):
+        raise ConfigError(f"adapter {cfg.model.name} is a {entry.tasks[0]} model but the recipe's task is {cfg.task}; "
+                          f"set task: {entry.tasks[0]} or pick one of: {', '.join(ADAPTERS.names(task=cfg.task))}")
+    builder = entry.build
     kwargs = {"num_classes": cfg.data.num_classes, **cfg.model.options}
     if cfg.task == "segmentation":
         kwargs["ignore_index"] = cfg.data.ignore_index
@@ -87,23 +67,21 @@ def build_adapter(cfg: RunConfig) -> Any:
             parameter_groups(adapter, optim.head_lr_mult)
         except ValueError as exc:
             raise ConfigError(f"{key}.{exc} (model {cfg.model.name})") from None
-    if getattr(adapter, "task", "segmentation") != cfg.task:
-        raise ConfigError(f"adapter {cfg.model.name} is a {adapter.task} model but the recipe's task is {cfg.task}; "
-                          f"set task: {adapter.task} or pick a {cfg.task} adapter (`selftrain list adapters`)")
     return adapter
 
 
 def build_policy(cfg: RunConfig) -> Any:
-    from .policies import create_policy
+    from .policies import POLICIES
 
     if cfg.rounds.count == 0:
         return None
-    valid = DETECTION_POLICIES if cfg.task == "detection" else SEGMENTATION_POLICIES
-    if cfg.policy.name not in valid:
-        raise ConfigError(f"policy {cfg.policy.name!r} does not work for {cfg.task}; choose one of: {', '.join(valid)}")
-    kwargs: dict[str, Any] = {"num_classes": cfg.data.num_classes, "ignore_index": cfg.data.ignore_index,
-                              **cfg.policy.options}
-    if cfg.policy.name.endswith("_sp"):
+    entry = POLICIES.entry(cfg.policy.name)
+    if not entry.supports(cfg.task):
+        raise ConfigError(f"policy {cfg.policy.name!r} does not work for {cfg.task}; choose one of: "
+                          f"{', '.join(POLICIES.names(task=cfg.task))}")
+    run = {"num_classes": cfg.data.num_classes, "ignore_index": cfg.data.ignore_index}
+    kwargs: dict[str, Any] = {**{k: run[k] for k in entry.meta.get("takes", ())}, **cfg.policy.options}
+    if entry.meta.get("prior"):
         if not cfg.policy.prior:
             raise ConfigError(f"policy {cfg.policy.name} needs policy.prior: the path of a prior built with "
                               "`selftrain priors build`")
@@ -113,7 +91,7 @@ def build_policy(cfg: RunConfig) -> Any:
     elif cfg.policy.prior:
         raise ConfigError(f"policy.prior is only used by st_sp and cbst_sp, not {cfg.policy.name}; remove it")
     try:
-        return create_policy(cfg.policy.name, **kwargs)
+        return entry.build(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"policy.options do not fit policy {cfg.policy.name}: {exc}") from None
 

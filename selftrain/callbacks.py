@@ -13,7 +13,17 @@ from .metrics import headline
 log = logging.getLogger("selftrain.report")
 
 
-class MetricsWriter:
+class CallbackBase:
+    """No-op events; a callback overrides the ones it needs (the :class:`~selftrain.interfaces.Callback` protocol)."""
+
+    def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
+        """After each round's record is complete."""
+
+    def on_run_end(self, *, records: list[dict[str, Any]]) -> None:
+        """After the last round."""
+
+
+class MetricsWriter(CallbackBase):
     """Appends one JSON line per round to metrics.jsonl and writes eval/round_*.json."""
 
     def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
@@ -23,7 +33,7 @@ class MetricsWriter:
         append_line(run_dir.metrics, json.dumps(record))
 
 
-class PlotWriter:
+class PlotWriter(CallbackBase):
     """Redraws ``<run>/plots/*.png`` from metrics.jsonl after every round (see :mod:`selftrain.plots`)."""
 
     def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
@@ -34,7 +44,7 @@ class PlotWriter:
         plot_run(records, class_names, run_dir.root / "plots")
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(CallbackBase):
     """TensorBoard event files beside metrics.jsonl: per round the score, per-class IoU, pseudo-label
     shares, thresholds and precision, and the mean losses. Built only when tensorboard is installed."""
 
@@ -83,7 +93,7 @@ def scalars(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, flo
     return out
 
 
-class ConsoleReport:
+class ConsoleReport(CallbackBase):
     """Logs per round the target mIoU, the portion and the thresholds; a comparison table at the end."""
 
     def __init__(self) -> None:

@@ -298,29 +298,24 @@ def labels_export(run: str, round_index: int, fmt: str, out: str, images: str, s
 @main.command("list")
 @click.argument("what", type=click.Choice(["adapters", "policies", "losses", "datasets"]))
 def list_cmd(what: str) -> None:
-    """List the registered adapters, policies, loss terms or data sets."""
+    """List the registered adapters, policies, loss terms or data sets with their task (and kind)."""
     if what == "adapters":
         from selftrain.adapters import ADAPTERS as reg
     elif what == "policies":
         from .policies import POLICIES as reg
     elif what == "losses":
-        from .losses import LOSSES
-
-        for name in LOSSES.names():
-            term = LOSSES.get(name)
-            click.echo(f"{name}  ({', '.join(term.tasks)})")
-        return
+        from .losses import LOSSES as reg
     else:
-        from .data.datasets import DATASETS as reg
-        from .data.detsets import DET_DATASETS
+        from .data import REGISTRIES
 
-        for name in reg.names():
-            click.echo(f"{name}  (segmentation)")
-        for name in DET_DATASETS.names():
-            click.echo(f"{name}  (detection)")
+        for task, reg in REGISTRIES.items():
+            for name in reg.names():
+                click.echo(f"{name}  ({task})")
         return
     for name in reg.names():
-        click.echo(name)
+        entry = reg.entry(name)
+        kind = f", {entry.meta['kind']}" if "kind" in entry.meta else ""
+        click.echo(f"{name}  ({', '.join(entry.tasks)}{kind})")
 
 
 @main.command()

@@ -75,8 +75,10 @@ class Engine:
         for spec in self.plan.rounds:
             if spec.index >= first:
                 self._round(spec, state if spec.index == first else None)
-        self._emit("on_run_end", records=self.records())
-        return self.records()
+        records = self.records()
+        for cb in self.callbacks:
+            cb.on_run_end(records=records)
+        return records
 
     def records(self) -> list[dict[str, Any]]:
         path = self.run_dir.metrics
@@ -128,7 +130,7 @@ class Engine:
             stored = self._store_online(spec, progress_value=phase.progress(spec.steps))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
                                         "steps": spec.steps, "losses": losses,
-                                        "pseudo": stored.record(float(getattr(self.policy, "threshold", float("nan"))))})
+                                        "pseudo": stored.record(float(self.policy.threshold))})
 
     def _round_phase(self, spec: RoundSpec, target: Dataset, use: str, desc: str) -> Phase:
         return round_phase(spec, self.plan, task=self.task, data=self.data, target=target, use=use, desc=desc,
@@ -206,7 +208,8 @@ class Engine:
             with self.precision.autocast():
                 record["eval"] = self.task.evaluate(self.adapter, self.data.target_val, device=self.device,
                                                     desc=f"round {index}: evaluate")
-        self._emit("on_round_end", record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
+        for cb in self.callbacks:
+            cb.on_round_end(record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
                         metrics=record.get("eval"), **self._carried())
@@ -242,8 +245,3 @@ class Engine:
         # Each round draws from its own stream so a resumed run repeats the rounds it redoes exactly.
         return self.seed * 1000 + round_index * 17
 
-    def _emit(self, event: str, **kwargs: Any) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(**kwargs)

@@ -59,6 +59,13 @@ class ConfusionMatrix:
         return [None if np.isnan(v) else float(v) for v in self.precision()], self.accuracy()
 
 
+def miou_subset(per_class_iou, indices) -> float:
+    """Mean IoU over ``indices`` of ``per_class_iou`` [C], skipping NaN (absent classes); NaN when
+    none is present. ``miou_subset(iou16, SYNTHIA_13)`` is the mIoU* of SYNTHIA -> Cityscapes."""
+    values = np.asarray(per_class_iou, dtype=np.float64)[list(indices)]
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def miou(pred, gt, num_classes: int, ignore_index: int = 255) -> tuple[float, np.ndarray]:
     """Mean IoU over the classes present in ground truth or prediction, and per-class IoU [C]."""
     cm = ConfusionMatrix(num_classes, ignore_index)

@@ -47,6 +47,7 @@ class RunData:
     pseudo_tta: TestTimeAugment = TestTimeAugment()
     eval_every_round: bool = True
     photometric: bool = False
+    subset_metrics: dict[str, tuple[int, ...]] = field(default_factory=dict)  # mIoU over class subsets
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .build import build_dataset_from
+from .data import build_split
 from .catalog import builtin_names, resolve_recipe
 from .config import load_recipe, parse_override
 from .data.datasets import build_dataset
@@ -21,7 +21,7 @@ def _source_dataset(dataset: str, root: str | None, split: str, options: Sequenc
     """A recipe's data.source, or a registered data set named on the command line."""
     if dataset.endswith((".yaml", ".yml")) or dataset in builtin_names():
         cfg = load_recipe(resolve_recipe(dataset), list(overrides))
-        ds = build_dataset_from(cfg.data.source, cfg, with_labels=True)
+        ds = build_split(cfg.data.source, cfg, with_labels=True)
         return ds, cfg.data.num_classes, cfg.data.ignore_index, f"{dataset}: data.source ({cfg.data.source.name})"
     opts = dict(parse_override(o) for o in options)
     ds = build_dataset(dataset, root=root, split=split, options=opts, num_classes=num_classes or 0,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.transforms import Augment, DetAugment, photometric
 from .detection import selection_summary
 from .errors import DataError
-from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, voc_ap
+from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, miou_subset, voc_ap
 from .progress import progress
 from .pseudo import target_ground_truth
 from .store import PseudoLabelWriter
@@ -77,7 +77,8 @@ class SegmentationTask:
         d = self.data
         result = seg_evaluate(adapter, dataset, num_classes=d.num_classes, ignore_index=d.ignore_index,
                               batch_size=d.eval_batch, device=torch.device(device), desc=desc, tta=d.eval_tta)
-        return {**result, **synthia_miou13(result, d.class_names)}
+        per_class = [float("nan") if v is None else v for v in result["iou"]]
+        return {**result, **{k: miou_subset(per_class, idx) for k, idx in d.subset_metrics.items()}}
 
     def online_step(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
                     progress: float) -> StepOutputs:
@@ -107,17 +108,6 @@ class SegmentationTask:
             start += len(labels)
         writer.finish(selected_pixels=counts.numpy())
         return StoredLabels(counts.tolist(), *cm.precision_report())
-
-
-def synthia_miou13(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
-    """``{"miou13": ...}`` for the SYNTHIA -> Cityscapes label space (mIoU* over 13 classes, CBST Table 2)."""
-    from .data.segsets import SYNTHIA_13, SYNTHIA_16_NAMES, miou_subset
-
-    names = tuple(str(n).replace("_", " ") for n in class_names)
-    if names != SYNTHIA_16_NAMES:
-        return {}
-    per_class = [float("nan") if v is None else v for v in result["iou"]]
-    return {"miou13": miou_subset(per_class, SYNTHIA_13)}
 
 
 def det_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

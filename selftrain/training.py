@@ -52,7 +52,7 @@ def parameter_groups(adapter: Any, head_lr_mult: float = 1.0) -> list[dict[str, 
     params = list(adapter.parameters())
     if head_lr_mult == 1.0:
         return [{"params": params}]
-    head = adapter.head_parameters() if hasattr(adapter, "head_parameters") else None
+    head = adapter.head_parameters()
     if not head:
         raise ValueError(f"optim.head_lr_mult is {head_lr_mult} but this model has no separate head; set it to 1")
     ids = {id(p) for p in head}

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..build import build_dataset_from, class_names
 from ..config import RunConfig
 from ..errors import DataError
 from ..progress import progress
+from . import build_split, class_names
 from .datasets import check_label
 
 
@@ -81,7 +81,7 @@ def check_data(cfg: RunConfig, *, limit: int | None = None) -> DataReport:
     for role, spec, with_labels in specs:
         if spec is None:
             continue
-        dataset = build_dataset_from(spec, cfg, with_labels=with_labels)
+        dataset = build_split(spec, cfg, with_labels=with_labels)
         if len(dataset) == 0:
             raise DataError(f"{role} holds no images; point it at a non-empty data set")
         names = names or class_names(cfg, dataset)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .datasets import DATASETS
+from .registry import DATASETS
 from .segsets import (SYNTHIA_16_NAMES, Pair, PairedDataset, cityscapes_lut, cityscapes_names, list_images,
                       need_dir, need_root, need_split, table_lut)
 

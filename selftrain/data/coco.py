@@ -22,7 +22,8 @@ import torch
 
 from ..errors import DataError
 from .datasets import read_image
-from .detsets import DET_DATASETS, DetectionSet, RawAnnotation, select, to_target
+from .detsets import DetectionSet, RawAnnotation, select, to_target
+from .registry import DET_DATASETS
 
 
 class CocoImage(NamedTuple):

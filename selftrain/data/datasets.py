@@ -18,12 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..registry import Registry
 from . import synth
+from .registry import DATASETS
 
 log = logging.getLogger(__name__)
 
-DATASETS: Registry[Dataset] = Registry("dataset")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -195,6 +194,15 @@ def read_image(path: Path, mode: str | None) -> np.ndarray:
         raise DataError(f"cannot read image {path} ({exc.__class__.__name__}); replace or remove the file") from None
 
 
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}); replace or remove the file") from None
+
+
 def build_dataset(name: str, *, root: str | None, split: str, options: dict[str, Any], num_classes: int,
                   ignore_index: int, with_labels: bool = True) -> Dataset:
     """Construct a registered data set; unknown options name the valid ones."""
@@ -214,4 +222,3 @@ def build_dataset(name: str, *, root: str | None, split: str, options: dict[str,
         valid = sorted(set(params) - {"root", "split", "ignore_index"})
         raise DataError(f"data set {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
     return cls(**kwargs)
-from . import segsets  # noqa: E402,F401  (registers the real data sets)

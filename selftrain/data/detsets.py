@@ -28,17 +28,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..registry import Registry
 from . import synth_det
-from .datasets import read_image
+from .datasets import header_size, read_image
+from .registry import DET_DATASETS
 
 log = logging.getLogger(__name__)
 
-DET_DATASETS: Registry[Dataset] = Registry("detection data set")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
@@ -218,15 +216,6 @@ class DetectionFiles(DetectionSet):
         return image
 
 
-def header_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}); replace or remove the file") from None
-
-
 def read_ids(path: Path, what: str = "list_file") -> list[str]:
     """Ids, one per line (the first token: VOC per-class lists carry a flag after it)."""
     if not path.is_file():
@@ -235,7 +224,8 @@ def read_ids(path: Path, what: str = "list_file") -> list[str]:
 
 
 def select(ids: list[str], list_file: str | None) -> list[int]:
-    """Indices of the ids that ``list_file`` names, in its order (all when None)."""
+    """Indices of the ids that ``list_file`` names, in its order (all when None); an unknown or
+    repeated id is an error."""
     if list_file is None:
         return list(range(len(ids)))
     position, wanted = {image_id: i for i, image_id in enumerate(ids)}, read_ids(Path(list_file))
@@ -243,6 +233,9 @@ def select(ids: list[str], list_file: str | None) -> list[int]:
     if missing:
         raise DataError(f"{len(missing)} ids in list_file {list_file} are not in the data set "
                         f"(first: {missing[0]!r}); fix the list or the split")
+    if len(set(wanted)) != len(wanted):
+        repeated = next(i for n, i in enumerate(wanted) if i in wanted[:n])
+        raise DataError(f"list_file {list_file} names image {repeated!r} twice; list each image once")
     return [position[i] for i in wanted]
 
 
@@ -438,5 +431,3 @@ def build_det_dataset(name: str, *, root: str | None, split: str, options: dict[
         raise DataError(f"detection data set {name} has no option {unknown[0]!r}; valid options: {', '.join(valid)}")
     return ctor(**kwargs)
 
-
-from . import coco  # noqa: E402,F401  (registers the coco data set)

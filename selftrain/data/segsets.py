@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .datasets import DATASETS, IMAGE_SUFFIXES, check_label, make_sample, read_image
+from ..metrics import miou_subset  # noqa: F401  (the SYNTHIA mIoU*, with SYNTHIA_13)
+from .datasets import IMAGE_SUFFIXES, check_label, header_size, make_sample, read_image
+from .registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,6 @@ SYNTHIA_RAW_NAMES = {
 # SYNTHIA id -> index in SYNTHIA_16_NAMES; every id not listed is ignored (255).
 SYNTHIA_TO_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12, 19: 13,
                  12: 14, 11: 15}
-
-
-def miou_subset(per_class_iou: Sequence[float] | np.ndarray, indices: Sequence[int]) -> float:
-    """Mean IoU over ``indices`` of ``per_class_iou`` [C], skipping NaN (absent classes).
-
-    ``miou_subset(iou16, SYNTHIA_13)`` is the mIoU* of the SYNTHIA -> Cityscapes benchmark.
-    """
-    values = np.asarray(per_class_iou, dtype=np.float64)[list(indices)]
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def table_lut(table: dict[int, int]) -> np.ndarray:
@@ -157,7 +150,8 @@ def find_id(token: str, table: dict[str, Pair]) -> Pair | None:
 
 
 def select_ids(pairs: list[Pair], list_file: str | Path, where: str) -> list[Pair]:
-    """The pairs that ``list_file`` names, in data-set order; an unknown id is an error."""
+    """The pairs that ``list_file`` names, in the file's order (as the detection data sets keep it);
+    an unknown or repeated id is an error."""
     path = Path(list_file)
     if not path.is_file():
         raise DataError(f"list_file {path} does not exist; fix data.<...>.options.list_file in the recipe")
@@ -170,8 +164,12 @@ def select_ids(pairs: list[Pair], list_file: str | Path, where: str) -> list[Pai
     if missing:
         raise DataError(f"list_file {path} names {len(missing)} ids that are not in {where} "
                         f"(first: {missing[0]}); fix the list or the recipe's split")
-    keep = {pair.id for _, pair in found}
-    return [p for p in pairs if p.id in keep]
+    chosen, seen = [pair for _, pair in found], set()
+    for pair in chosen:
+        if pair.id in seen:
+            raise DataError(f"list_file {path} names image {pair.id} twice; list each image once")
+        seen.add(pair.id)
+    return chosen
 
 
 def subset(pairs: list[Pair], list_file: str | Path | None, where: str) -> list[Pair]:
@@ -196,15 +194,6 @@ def parse_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
     if len(resize) != 2 or not all(isinstance(v, int) and v > 0 for v in resize):
         raise DataError(f"resize must be [height, width] in pixels, e.g. [1052, 1914]; got {resize!r}")
     return int(resize[0]), int(resize[1])
-
-
-def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header; nothing is decoded."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}); replace or remove the file") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,5 +365,3 @@ class Synthia(PairedDataset):
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_synthia_label(path)
 
-
-from . import cityscapes  # noqa: E402,F401  (registers cityscapes, foggy_cityscapes, nthu, bdd100k)

@@ -81,13 +81,13 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def _taps(adapter: Any) -> dict[str, int]:
-    return adapter.feature_channels() if hasattr(adapter, "feature_channels") else {}
+    return adapter.feature_channels()
 
 
 # --------------------------------------------------------------------------- DANN
 
 
-@LOSSES.register("dann")
+@LOSSES.register("dann", task="detection")
 class DANN(LossTerm):
     """Domain-adversarial training (Ganin & Lempitsky 2015) on one feature map.
 
@@ -136,7 +136,7 @@ class DANN(LossTerm):
 # --------------------------------------------------------------------------- output space
 
 
-@LOSSES.register("output_space")
+@LOSSES.register("output_space", task="segmentation")
 class OutputSpace(LossTerm):
     """Output-space adaptation (Tsai et al., CVPR 2018, AdaptSegNet), single level.
 
@@ -203,7 +203,7 @@ def bsr_loss(log_probs: torch.Tensor, *, t: float = 0.5, gamma: float = 2.0, neg
     return -(t * focal * log_bg + (1 - t) * focal * log_fg).sum() / n
 
 
-@LOSSES.register("bsr")
+@LOSSES.register("bsr", task="detection")
 class BSR(LossTerm):
     """Background score regularisation for SSD (Kim et al., ICCV 2019, Sec. 3.3), t = 0.5, gamma = 2.
 
@@ -228,7 +228,7 @@ class BSR(LossTerm):
 
     def attach(self, adapter: Any, task: str) -> None:
         super().attach(adapter, task)
-        if not getattr(adapter, "dense_logits", False) or not hasattr(adapter, "trunk_end"):
+        if not adapter.dense_logits:  # SSD: one logit row per default box, and its trunk_end()
             raise ConfigError("loss bsr needs a one-stage detector (ssd300_vgg16, tiny_ssd); "
                               "remove it or change model.name")
 

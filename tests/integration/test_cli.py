@@ -204,7 +204,11 @@ def test_diverging_run_stops_with_the_loss_components(tiny_recipe, tmp_path):
 
 def test_list_and_evaluate(tiny_recipe, tmp_path):
     code, output = run_cli("list", "policies")
-    assert code == 0 and output.split() == ["cbst", "cbst_sp", "det_st", "mean_teacher", "st", "st_sp", "wst"]
+    assert code == 0 and [line.split()[0] for line in output.splitlines()] == [
+        "cbst", "cbst_sp", "det_st", "mean_teacher", "st", "st_sp", "wst"]
+    assert "wst  (detection, online)" in output and "mean_teacher  (segmentation, detection, online)" in output
+    code, output = run_cli("list", "adapters")
+    assert code == 0 and "tiny_ssd  (detection)" in output and "deeplabv2  (segmentation)" in output
     out = tmp_path / "run"
     assert run_cli("run", str(tiny_recipe), "--out", str(out), "--set", "rounds.count=0")[0] == 0
     code, output = run_cli("evaluate", str(tiny_recipe), "--checkpoint", str(out / "checkpoints" / "last.pt"))

@@ -150,6 +150,9 @@ def test_list_file_subsets_in_its_order_and_rejects_missing_ids(tmp_path):
     (tmp_path / "bad.txt").write_text("000003\n999999\n")
     with pytest.raises(DataError, match="999999"):
         _build("voc", tmp_path, "trainval", list_file=str(tmp_path / "bad.txt"))
+    (tmp_path / "twice.txt").write_text("000003\n000001\n000003\n")
+    with pytest.raises(DataError, match="names image '000003' twice"):
+        _build("voc", tmp_path, "trainval", list_file=str(tmp_path / "twice.txt"))
 
 
 def test_ground_truth_reads_annotations_without_decoding_images(tmp_path, monkeypatch):

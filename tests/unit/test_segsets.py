@@ -93,14 +93,17 @@ def test_foggy_beta_selects_files_and_keeps_clear_ids(tmp_path):
         build("foggy_cityscapes", tmp_path, "val", beta=0.03)
 
 
-def test_list_file_selects_a_subset_in_data_set_order(tmp_path):
+def test_list_file_selects_a_subset_in_the_file_order(tmp_path):
     written = write_cityscapes(tmp_path, splits={"train": 4}, foggy=False)
     ids = written.ids["train"]
     lst = tmp_path / "subset.txt"
     lst.write_text(f"# three of four\n{ids[3]}\n\nleftImg8bit/train/{ids[0]}_leftImg8bit.png\n"
                    f"{ids[1].split('/')[1]}\n")
     ds = build("cityscapes", tmp_path, "train", list_file=str(lst))
-    assert ds.ids == [ids[0], ids[1], ids[3]]
+    assert ds.ids == [ids[3], ids[0], ids[1]]
+    lst.write_text(f"{ids[0]}\n{ids[2]}\n{ids[0]}\n")
+    with pytest.raises(DataError, match=f"names image {ids[0]} twice"):
+        build("cityscapes", tmp_path, "train", list_file=str(lst))
     lst.write_text(f"{ids[0]}\naachen/aachen_999999_000019\n")
     with pytest.raises(DataError, match=r"names 1 ids that are not in cityscapes train.*aachen_999999_000019"):
         build("cityscapes", tmp_path, "train", list_file=str(lst))

@@ -81,13 +81,23 @@ def test_recipe_keys_reach_the_run_data(tiny_recipe):
         load_recipe(tiny_recipe, ["eval.scales=[0]"])
 
 
-def test_synthia_label_space_reports_miou13():
-    from selftrain.data.segsets import SYNTHIA_16_NAMES
-    from selftrain.tasks import synthia_miou13
+def test_synthia_label_space_declares_miou13_and_evaluation_reports_it():
+    import numpy as np
+    import torch
 
-    iou = [float(i) for i in range(16)]
-    iou[0] = None
-    out = synthia_miou13({"iou": iou}, [n.replace(" ", "_") for n in SYNTHIA_16_NAMES])
-    expected = [v for i, v in enumerate(iou) if SYNTHIA_16_NAMES[i] not in ("wall", "fence", "pole") and v is not None]
-    assert out == {"miou13": pytest.approx(sum(expected) / len(expected))}
-    assert synthia_miou13({"iou": iou}, [f"c{i}" for i in range(16)]) == {}
+    from selftrain.adapters import create_adapter
+    from selftrain.data import subset_metrics
+    from selftrain.data.segsets import SYNTHIA_13, SYNTHIA_16_NAMES
+    from selftrain.phases import RunData
+    from selftrain.tasks import build_task
+
+    assert subset_metrics([n.replace(" ", "_") for n in SYNTHIA_16_NAMES]) == {"miou13": SYNTHIA_13}
+    assert subset_metrics([f"c{i}" for i in range(16)]) == {}
+    torch.manual_seed(0)
+    samples = [{"image": torch.randn(3, 16, 32), "label": torch.randint(0, 4, (16, 32)), "id": str(i)} for i in range(3)]
+    data = RunData(source=[], target=[], target_val=None, num_classes=4, class_names=list("abcd"), eval_batch=2,
+                   subset_metrics={"m01": (0, 1)})
+    result = build_task("segmentation", data).evaluate(create_adapter("tiny_seg", num_classes=4, width=4), samples,
+                                                       device="cpu", desc="eval")
+    iou = [np.nan if v is None else v for v in result["iou"]]
+    assert result["m01"] == pytest.approx(np.nanmean(iou[:2]))
