@@ -217,7 +217,7 @@ class TargetImages:
 
     def size(self, image_id: str) -> tuple[int, int]:
         """(H, W), from the file header when there is a file."""
-        from .data.detsets import header_size
+        from .data.datasets import header_size
 
         file = self.file(image_id)
         return header_size(file) if file is not None else tuple(self.pixels(image_id).shape[:2])
