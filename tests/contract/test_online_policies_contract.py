@@ -31,6 +31,12 @@ SEGMENTATION_ONLINE = [name for name in ONLINE if name in SEGMENTATION_POLICIES]
 K = 3  # object classes of the tiny detector
 
 
+def tiny_detector():
+    """Few detections and candidates per image: SRRS costs an IoU matrix of the two."""
+    torch.manual_seed(0)
+    return create_adapter("tiny_ssd", num_classes=K, size=64, width=16, detections_per_img=20, raw_candidates=200)
+
+
 def test_online_policies_are_the_detection_and_teacher_family():
     assert ONLINE == ["det_st", "mean_teacher", "wst"]
     assert set(ONLINE) == set(DETECTION_ONLINE) | set(SEGMENTATION_ONLINE)  # each one is usable for some task
@@ -38,8 +44,7 @@ def test_online_policies_are_the_detection_and_teacher_family():
 
 @pytest.fixture(scope="module")
 def detector():
-    torch.manual_seed(0)
-    return create_adapter("tiny_ssd", num_classes=K, size=64, width=16)
+    return tiny_detector()
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +150,7 @@ def test_det_st_is_row_a_and_wst_is_row_f():
 
 @pytest.mark.parametrize("name", DETECTION_ONLINE)
 def test_a_detection_online_step_trains_the_student(name, images):
-    torch.manual_seed(0)
-    student = create_adapter("tiny_ssd", num_classes=K, size=64, width=16)
+    student = tiny_detector()
     pol = create_policy(name, threshold=0.05)
     teacher = make_teacher(pol.teacher, student, **pol.teacher_options())
     batch = {"image": images, "target": [None] * len(images), "id": ["a", "b"]}
