@@ -83,6 +83,13 @@ def srrs(
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
+def check_negatives(mode: str) -> str:
+    """``mode`` when it names a background setting of Table 4 (:data:`NEGATIVE_MODES`), else a ValueError."""
+    if mode not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {mode!r}")
+    return mode
+
+
 def check_srrs_candidates(value: str) -> str:
     """``value`` when it names a reading of the supporting-region candidates, else a ValueError."""
     if value not in SRRS_CANDIDATES:
@@ -316,9 +323,14 @@ ABLATION_ROWS = {  # Table 4: (SRRS, negatives); mAP on Clipart1k in the comment
 }
 
 
+def default_threshold(use_srrs: bool) -> float:
+    """Epsilon of Algorithm 1 when none is given: "0.9 without SRRS, and 0.8 with SRRS" (Sec. 5.1)."""
+    return 0.8 if use_srrs else 0.9
+
+
 def ablation_switches(row: str) -> WSTSwitches:
     """Settings of a row ("A".."F") of Table 4 in Kim et al. 2019; "F" is WST."""
     if row not in ABLATION_ROWS:
         raise ValueError(f"unknown Table 4 row {row!r}; valid: {', '.join(ABLATION_ROWS)}")
     use_srrs, negatives = ABLATION_ROWS[row]
-    return WSTSwitches(srrs=use_srrs, negatives=negatives, threshold=0.8 if use_srrs else 0.9)
+    return WSTSwitches(srrs=use_srrs, negatives=negatives, threshold=default_threshold(use_srrs))

@@ -165,3 +165,32 @@ def write_cityscapes_boxes(root: Path, *, foggy: bool = True, split: str = "trai
             {"label": o.name, "polygon": [list(p) for p in o.polygon], **({"deleted": 1} if o.deleted else {})}
             for o in objects]}))
     return dict(images)
+
+
+COCO_IMAGES = {  # file name under the image root -> objects; "person" crowds are flagged difficult
+    "a/frame_01.jpg": [Obj("car", (2, 3, 14.5, 20)), Obj("person", (16, 2, 30, 22), difficult=True)],
+    "a/frame_02.jpg": [],
+    "b/frame_03.jpg": [Obj("bicycle", (0, 0, 32, 24)), Obj("car", (5, 6, 9, 20))],
+}
+
+
+def write_coco(root: Path, *, split: str = "val", images: dict[str, list[Obj]] | None = None,
+               size: tuple[int, int] = SIZE) -> dict[str, list[Obj]]:
+    """COCO format: root/annotations/instances_<split>.json (bbox [x, y, w, h], iscrowd for difficult,
+    category ids that do not follow the names' order) with images under root/<split>/."""
+    images = COCO_IMAGES if images is None else images
+    names = sorted({o.name for objects in images.values() for o in objects}, reverse=True)
+    categories = [{"id": 10 * (i + 1), "name": name} for i, name in enumerate(names)]
+    ids = {c["name"]: c["id"] for c in categories}
+    records, annotations = [], []
+    for seed, (file_name, objects) in enumerate(images.items(), start=1):
+        write_image(Path(root) / split / file_name, size, seed)
+        records.append({"id": seed, "file_name": file_name, "height": size[0], "width": size[1]})
+        for o in objects:
+            x0, y0, x1, y1 = o.box
+            annotations.append({"id": len(annotations) + 1, "image_id": seed, "category_id": ids[o.name],
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": int(o.difficult)})
+    path = Path(root) / "annotations" / f"instances_{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": records, "annotations": annotations, "categories": categories}))
+    return {str(Path(name).with_suffix("")): objects for name, objects in images.items()}

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..detection import ABLATION_ROWS, NEGATIVE_MODES, epsilon_schedule, prediction_srrs
+from ..detection import (ablation_switches, check_negatives, default_threshold, epsilon_schedule, keep_by_srrs,
+                         prediction_srrs, select_confident)
 from ..types import DetPrediction, SegPseudoLabels
 
 
@@ -44,14 +45,19 @@ class _Online:
         return {}
 
 
-def kept_boxes(pred: DetPrediction, keep: torch.Tensor, srrs_values: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The pseudo-boxes of one image: ``boxes`` [K, 4], ``labels``, ``scores``, ``srrs`` [K] (NaN without SRRS).
+def confident_boxes(pred: DetPrediction, scores: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
+    """The pseudo-boxes of one image by score (``selftrain.detection.select_confident``): ``boxes`` [K, 4],
+    ``labels``, ``scores`` [K] and ``srrs`` [K] of NaN. Shape: scores [M], the final detections' scores."""
+    boxes, kept, labels = select_confident(pred.boxes, scores, pred.labels, epsilon)
+    return {"boxes": boxes, "labels": labels, "scores": kept, "srrs": torch.full_like(kept, math.nan)}
 
-    Shape: keep bool [M] over the final detections; srrs_values [M] or None.
-    """
-    reliability = srrs_values if srrs_values is not None else torch.full_like(pred.scores, math.nan)
+
+def reliable_boxes(pred: DetPrediction, srrs_values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
+    """The pseudo-boxes of one image by SRRS (``selftrain.detection.keep_by_srrs``): ``boxes`` [K, 4],
+    ``labels``, ``scores``, ``srrs`` [K]. Shape: srrs_values [M] over the final detections."""
+    keep = keep_by_srrs(srrs_values, epsilon)
     return {"boxes": pred.boxes[keep], "labels": pred.labels[keep], "scores": pred.scores[keep],
-            "srrs": reliability[keep]}
+            "srrs": srrs_values[keep]}
 
 
 class WeakSelfTraining(_Online):
@@ -64,20 +70,18 @@ class WeakSelfTraining(_Online):
         delta: IoU that makes a raw candidate a supporting region (0.5).
         schedule: epsilon = 1 / (1 + exp(-3 p)) with p the round's progress (Sec. 4.2) instead of a constant.
         box_loss: regress pseudo-boxes too (off in the paper).
-        row: a Table 4 row "A".."F" that sets ``srrs`` and ``negatives`` (and the threshold unless given).
+        row: a Table 4 row "A".."F" that sets ``srrs`` and ``negatives`` (and the threshold unless given),
+            as ``selftrain.detection.ablation_switches`` reads it.
     """
 
     def __init__(self, *, name: str = "wst", srrs: bool = True, negatives: str = "weak", threshold: float | None = None,
                  delta: float = 0.5, schedule: bool = False, box_loss: bool = False, row: str | None = None,
                  num_classes: int | None = None, ignore_index: int = 255) -> None:
         if row is not None:
-            if row not in ABLATION_ROWS:
-                raise ValueError(f"unknown Table 4 row {row!r}; valid: {', '.join(ABLATION_ROWS)}")
-            srrs, negatives = ABLATION_ROWS[row]
-        if negatives not in NEGATIVE_MODES:
-            raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
-        self.name, self.use_srrs, self.negatives, self.delta = name, srrs, negatives, delta
-        self.threshold = threshold if threshold is not None else (0.8 if srrs else 0.9)
+            switches = ablation_switches(row)
+            srrs, negatives = switches.srrs, switches.negatives
+        self.name, self.use_srrs, self.negatives, self.delta = name, srrs, check_negatives(negatives), delta
+        self.threshold = threshold if threshold is not None else default_threshold(srrs)
         self.schedule, self.box_loss = schedule, box_loss
 
     @property
@@ -93,8 +97,9 @@ class WeakSelfTraining(_Online):
         return prediction_srrs(pred, self.delta) if self.use_srrs else pred.scores
 
     def keep(self, pred: DetPrediction, values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
-        """Algorithm 1, line 8 (or the score threshold): the detections whose ``values >= epsilon``."""
-        return kept_boxes(pred, values >= epsilon, values if self.use_srrs else None)
+        """Algorithm 1, line 8 (or the score threshold): the detections whose ``values >= epsilon``.
+        Shape: values [M] = ``reliability(pred)``."""
+        return reliable_boxes(pred, values, epsilon) if self.use_srrs else confident_boxes(pred, values, epsilon)
 
     def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
         """Pseudo-boxes per image: ``boxes`` [K, 4], ``labels`` [K], ``scores`` [K], ``srrs`` [K] (NaN without SRRS)."""
@@ -116,10 +121,8 @@ class MeanTeacher(_Online):
 
     def __init__(self, *, threshold: float = 0.8, decay: float = 0.999, negatives: str = "hard",
                  box_loss: bool = False, num_classes: int | None = None, ignore_index: int = 255) -> None:
-        if negatives not in NEGATIVE_MODES:
-            raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
         self.name, self.threshold, self.decay = "mean_teacher", threshold, decay
-        self.negatives, self.box_loss, self.ignore_index = negatives, box_loss, ignore_index
+        self.negatives, self.box_loss, self.ignore_index = check_negatives(negatives), box_loss, ignore_index
 
     criterion = "score"
 
@@ -133,7 +136,7 @@ class MeanTeacher(_Online):
         return pred.scores
 
     def keep(self, pred: DetPrediction, values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
-        return kept_boxes(pred, values >= epsilon, None)
+        return confident_boxes(pred, values, epsilon)
 
     def detections(self, preds: list[DetPrediction], progress: float) -> list[dict[str, torch.Tensor]]:
         return [self.keep(p, p.scores, self.threshold) for p in preds]

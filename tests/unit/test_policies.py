@@ -154,13 +154,6 @@ def test_cost_from_logits_equals_the_full_log_softmax_path():
     torch.testing.assert_close(cost, ref_cost, rtol=1e-5, atol=1e-7)
 
 
-def test_histogram_memory_does_not_grow():
-    pol = create_policy("cbst")
-    for seed in range(4):
-        pol.observe(random_probs(seed))
-    assert pol.hist.shape == (6, F.BINS)
-
-
 def test_state_dict_round_trip():
     probs = random_probs(7)
     pol = create_policy("cbst")
