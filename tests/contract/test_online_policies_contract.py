@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from selftrain.adapters import create_adapter
-from selftrain.build import DETECTION_POLICIES, SEGMENTATION_POLICIES
 from selftrain.detection import (ABLATION_ROWS, NEGATIVE_MODES, ablation_switches, keep_by_srrs, prediction_srrs,
                                  select_confident)
 from selftrain.policies import POLICIES, create_policy
@@ -25,9 +24,9 @@ def make(name: str, **options):
     return create_policy(name, **prior, **options)
 
 
-ONLINE = [name for name in POLICIES.names() if not make(name).offline]
-DETECTION_ONLINE = [name for name in ONLINE if name in DETECTION_POLICIES]
-SEGMENTATION_ONLINE = [name for name in ONLINE if name in SEGMENTATION_POLICIES]
+ONLINE = POLICIES.names(kind="online")
+DETECTION_ONLINE = POLICIES.names(task="detection", kind="online")
+SEGMENTATION_ONLINE = POLICIES.names(task="segmentation", kind="online")
 K = 3  # object classes of the tiny detector
 
 

@@ -13,9 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from selftrain.build import build_dataset_from, build_engine
+from selftrain.build import build_engine
 from selftrain.cli import main
 from selftrain.config import load_recipe
+from selftrain.data import build_split
 from selftrain.metrics import miou
 from selftrain.store import open_round
 
@@ -33,7 +34,7 @@ def constant_predictor(recipe: Path, overrides: list[str]) -> dict[str, float]:
     """mIoU and pixel accuracy (%) on the recipe's target val of the best constant prediction (one
     class everywhere, the majority class): what a collapsed model scores."""
     cfg = load_recipe(recipe, overrides)
-    val = build_dataset_from(cfg.data.target_val, cfg, with_labels=True)
+    val = build_split(cfg.data.target_val, cfg, with_labels=True)
     gt = np.stack([val[i]["label"].numpy() for i in range(len(val))])
     scored = gt != cfg.data.ignore_index
     best = max(miou(np.full_like(gt, c), gt, cfg.data.num_classes, cfg.data.ignore_index)[0]
