@@ -190,6 +190,7 @@ class StepRunner:
         self.clip_grad_norm, self.accumulate, self.hooks = clip_grad_norm, accumulate, list(hooks)
         self.scaler = precision.scaler()
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.last_losses: dict[str, torch.Tensor] = {}  # the last step's, detached; read only for progress records
 
     def autocast(self) -> ContextManager[Any]:
         return self.precision.autocast()
@@ -200,10 +201,15 @@ class StepRunner:
 
     def run(self, step_fn: Callable[[int], StepResult], *, steps: int, start: int = 0, desc: str) -> None:
         """Steps ``start`` .. ``steps - 1``."""
-        for step in progress(range(start, steps), desc=desc, unit="step", total=steps - start):
-            self.step(step_fn, step)
+        for step in progress(range(start, steps), desc=desc, unit="step", total=steps, initial=start,
+                             losses=self._last_loss_values):
+            self.last_losses = self.step(step_fn, step)
 
-    def step(self, step_fn: Callable[[int], StepResult], step: int) -> None:
+    def _last_loss_values(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.last_losses.items()}  # the host sync, once per record
+
+    def step(self, step_fn: Callable[[int], StepResult], step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns its losses (detached, float64, averaged over micro-batches)."""
         optimizers = [self.optimizer] + [o for h in self.hooks for o in h.optimizers()]
         for h in self.hooks:
             h.before_step(step)
@@ -229,6 +235,7 @@ class StepRunner:
         self.scheduler.step()
         for h in self.hooks:
             h.after_step(step, losses)
+        return losses
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
