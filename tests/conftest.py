@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SELFTRAIN_QUIET", "1")
+# Idle OpenMP threads sleep instead of spinning (set before torch loads; subprocesses inherit it). The
+# thread count and so every number stay the same, but on a small machine shared with other work the
+# spinning threads took the cores from the ones with work: the fast tier ran 2-4x slower under load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY = """\
 extends: {defaults}

@@ -358,6 +358,7 @@ def test_vgg_backbone_weights_land_in_the_ssd_backbone(tmp_path):
     assert not backbone.features[0].weight.requires_grad and backbone.features[5].weight.requires_grad
 
 
+@pytest.mark.slow  # two VGG-16-sized models (137 M parameters) and a 0.5 GB weights file on disk
 def test_faster_rcnn_vgg16_is_the_adaptive_detection_papers_detector(tmp_path):
     """conv5_3 at stride 16, fc6/fc7 from VGG's classifier, conv1-2 frozen with weights, 137 M
     parameters at 8 foreground classes + background (Cityscapes -> Foggy)."""

@@ -15,7 +15,9 @@ from selftrain.errors import ConfigError, DataError
 
 SMALL = {"deeplabv2": {"depth": 50}, "fcn8s_vgg16": {"width": 64}, "fcn_resnet50": {}, "fcn_resnet101": {},
          "resnet38": {"width_multiplier": 0.125}}
-HEAVY = {"deeplabv2", "fcn_resnet50", "fcn_resnet101"}  # dilated ResNet-50/101 trunks: minutes on 2 cores
+# dilated ResNet-50/101 trunks and FCN-8s on the full VGG-16 conv trunk (16 M parameters at width 64):
+# seconds each on 2 cores when quiet, tens of seconds when the machine is shared
+HEAVY = {"deeplabv2", "fcn_resnet50", "fcn_resnet101", "fcn8s_vgg16"}
 
 
 def documented_counts() -> dict[str, int]:
