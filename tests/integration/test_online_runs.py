@@ -127,7 +127,8 @@ def test_detection_labels_show_and_export(det_tiny_recipe, tmp_path):
                    "--out", out, "--quiet")[0] == 0
     code, _, err = run_cli("labels", "show", out, "--round", 1, "--grid", 2, "--out", tmp_path / "boxes.png")
     assert code == 0, err
-    assert Image.open(tmp_path / "boxes.png").width > 200
+    with Image.open(tmp_path / "boxes.png") as sheet:
+        assert sheet.width > 200
     with open_round(out / "pseudo" / "round_001.h5") as reader:
         found = [reader.boxes(i) for i in range(len(reader))]
         ids = list(reader.image_ids)
