@@ -24,12 +24,7 @@ from selftrain.policies import create_policy
 from selftrain.tasks import StoredLabels
 from selftrain.types import DetPrediction
 
-
-def iou_loop(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+from reference import iou_loop
 
 
 def support_loop(candidates, final_box, final_label, delta, per_class):
