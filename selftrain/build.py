@@ -122,8 +122,6 @@ def build_loss_terms(cfg: RunConfig, adapter: Any) -> LossTerms:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: options do not fit: {exc}") from None
         term.attach(adapter, cfg.task)
-        if not spec.phases:
-            raise ConfigError(f"{where}: phases is empty; list source, rounds or both")
         if "rounds" in spec.phases and "source" in term.needs and cfg.rounds.count and (
                 cfg.rounds.batch_source == 0 or cfg.rounds.source_share.start <= 0):
             raise ConfigError(f"{where} needs source images in the rounds; set rounds.batch_source >= 1 and "

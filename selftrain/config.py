@@ -1,13 +1,17 @@
 """Recipe schema and loading: YAML, ``extends:`` chains, ``--set a.b=c`` overrides, strict checks.
 
-A recipe is a mapping validated against the dataclasses below. Unknown keys and wrong types are
-errors that name the key path and the valid keys. Defaults follow the CBST paper and its official
-code; ``recipes/defaults.yaml`` holds the embedded synthetic benchmark that the demo recipes extend.
+A recipe is a mapping validated against the dataclasses below. Unknown keys, wrong types and
+out-of-range values are errors that name the key path, the value and the valid keys or range;
+numeric fields carry their valid range as a :class:`Bound` (field metadata ``bound``), checked as
+the value enters. Defaults follow the CBST paper and its official code; ``recipes/defaults.yaml``
+holds the embedded synthetic benchmark that the demo recipes extend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +21,62 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy take seeds in [0, 2**63 - 1]
+LABEL_MAX = 255  # pseudo-labels and label maps are uint8; 255 is the usual ignore value
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of a numeric recipe key: finite, above ``low`` and below ``high`` (strictly
+    where ``low_open`` / ``high_open``). ``example`` and ``note`` complete the fix in the message."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    example: str = ""
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        """``value`` is finite and inside the range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """The range in words: ``positive``, ``>= 1``, ``in [0, 1)``, ``finite``."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            return f"in {'(' if self.low_open else '['}{_number(low)}, {_number(high)}{')' if self.high_open else ']'}"
+        if low == 0 and self.low_open:
+            return "positive"
+        if low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(low)}"
+        if high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(high)}"
+        return "finite"
+
+    def error(self, path: str, value: float) -> ConfigError:
+        """``<path> must be <range>, got <value>; give <kind> <range>, e.g. <example><note>``."""
+        words = self.describe()
+        kind = "an integer" if isinstance(value, int) else "a number" if words.startswith("in ") else "a finite number"
+        wanted = kind if words == "finite" else f"{kind} {'> 0' if words == 'positive' else words}"
+        if isinstance(value, float) and not math.isfinite(value):
+            words = "a finite number"
+        example = f", e.g. {self.example}" if self.example else ""
+        return ConfigError(f"{path} must be {words}, got {_show(value)}; give {wanted}{example}{self.note}")
+
+
+def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, gt: float | None = None,
+            ge: float | None = None, lt: float | None = None, le: float | None = None, example: str = "",
+            note: str = "") -> Any:
+    """A dataclass field whose value (each element, for a list; None passes) must lie in the range."""
+    bound = Bound(low=gt if gt is not None else ge, high=lt if lt is not None else le, low_open=gt is not None,
+                  high_open=lt is not None, example=example, note=note)
+    return field(default=default, default_factory=factory, metadata={"bound": bound})
 
 
 @dataclass
@@ -31,13 +91,13 @@ class DatasetSpec:
 
 @dataclass
 class DataConfig:
-    num_classes: int = 19
+    num_classes: int = bounded(19, ge=1, example="19")
     class_names: list[str] | None = None
-    ignore_index: int = 255
+    ignore_index: int = bounded(255, ge=0, le=LABEL_MAX, example="255")
     source: DatasetSpec = field(default_factory=DatasetSpec)
     target: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="target_train"))
     target_val: DatasetSpec | None = None
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0, example="4", note=" (0: load in the main process)")
 
 
 @dataclass
@@ -52,16 +112,17 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = bounded(1e-4, gt=0, example="1e-4")
+    # Momentum of SGD (ignored by adam / adamw, which take their betas).
+    momentum: float = bounded(0.9, ge=0, lt=1, example="0.9")
+    weight_decay: float = bounded(5e-4, ge=0, example="5e-4")
     # Learning rate of the model's head (classifier) relative to the rest: 10 for DeepLab-v2's ASPP.
-    head_lr_mult: float = 1.0
+    head_lr_mult: float = bounded(1.0, gt=0, example="10", note=" (1: the head trains at the same learning rate)")
     # Cap on the global gradient norm (null: no clipping).
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = bounded(None, gt=0, example="10", note=", or null for no clipping")
     # Micro-batches per optimiser step: the effective batch is batch size x accumulate; steps count
     # optimiser steps, so a step draws `accumulate` batches.
-    accumulate: int = 1
+    accumulate: int = bounded(1, ge=1, example="2", note=" (1: no gradient accumulation)")
 
 
 @dataclass
@@ -69,19 +130,20 @@ class SourceTrainingConfig:
     """Round 0: supervised training on the source domain ("source only")."""
 
     enabled: bool = True
-    steps: int = 1000
-    batch_size: int = 2
+    steps: int = bounded(1000, ge=0, example="1000")
+    batch_size: int = bounded(2, ge=1, example="2")
     lr_schedule: Literal["constant", "onecycle", "poly", "step"] = "poly"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass
 class Ramp:
-    """A value that starts at ``start`` and grows by ``step`` per round up to ``max``."""
+    """A value that starts at ``start`` and grows by ``step`` per round up to ``max``; every round's
+    value is checked against the range of what the ramp sets (see :func:`_check_ramp`)."""
 
-    start: float
-    step: float
-    max: float
+    start: float = bounded(example="0.2")
+    step: float = bounded(example="0.05")
+    max: float = bounded(example="0.5")
 
     def at(self, round_index: int) -> float:
         """Value for 1-based round ``round_index``."""
@@ -93,8 +155,8 @@ class MiningConfig:
     """Rare-class hard-sample mining (CBST §5): crops centred on pixels of rare predicted classes."""
 
     enabled: bool = False
-    rare_share: float = 1e-3
-    probability: float = 0.5
+    rare_share: float = bounded(1e-3, ge=0, le=1, example="1e-3")
+    probability: float = bounded(0.5, ge=0, le=1, example="0.5")
 
 
 @dataclass
@@ -105,7 +167,7 @@ class PolicyConfig:
     # Keyword options of the policy constructor, e.g. {threshold: 0.8, negatives: weak} for wst.
     options: dict[str, Any] = field(default_factory=dict)
     # Test-time views for pseudo-label generation (the paper: scales 0.5, 0.75, 1.0 with flip).
-    scales: list[float] = field(default_factory=lambda: [1.0])
+    scales: list[float] = bounded(factory=lambda: [1.0], gt=0, example="0.75")
     flip: bool = False
 
 
@@ -113,13 +175,14 @@ class PolicyConfig:
 class RoundsConfig:
     """The self-training schedule (CBST §5 and appendix; official code for the source share)."""
 
-    count: int = 3
+    # Every round writes a pseudo-label file and a checkpoint; 1000 is far past any schedule in use.
+    count: int = bounded(3, ge=0, le=1000, example="3", note=" (0: source training only)")
     portion: Ramp = field(default_factory=lambda: Ramp(0.2, 0.05, 0.5))
     source_share: Ramp = field(default_factory=lambda: Ramp(0.03, 0.0025, 0.06))
-    target_epochs: float = 2.0
-    steps: int | None = None
-    batch_source: int = 1
-    batch_target: int = 1
+    target_epochs: float = bounded(2.0, gt=0, example="2")
+    steps: int | None = bounded(None, ge=1, example="1000", note=", or null to derive them from rounds.target_epochs")
+    batch_source: int = bounded(1, ge=0, example="1", note=" (0: target images only)")
+    batch_target: int = bounded(1, ge=1, example="1")
     lr_decay: Literal["constant", "sqrt2"] = "constant"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -127,17 +190,17 @@ class RoundsConfig:
 @dataclass
 class AugmentConfig:
     flip: bool = True
-    crop: list[int] | None = None
-    scale: list[float] | None = None
+    crop: list[int] | None = bounded(None, ge=1, example="512")
+    scale: list[float] | None = bounded(None, gt=0, example="0.7")
     # detection: SSD's photometric distortion (brightness, contrast, saturation, hue) on training images
     photometric: bool = False
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1, example="8")
     every_round: bool = True
-    scales: list[float] = field(default_factory=lambda: [1.0])
+    scales: list[float] = bounded(factory=lambda: [1.0], gt=0, example="0.75")
     flip: bool = False
     use_07: bool = False  # detection: VOC07 11-point AP instead of all-point
 
@@ -148,7 +211,7 @@ class LossConfig:
     the ``phases`` it names ("source": round 0, "rounds": the self-training rounds)."""
 
     name: str
-    weight: float = 1.0
+    weight: float = bounded(1.0, ge=0, example="1e-3")
     phases: list[Literal["source", "rounds"]] = field(default_factory=lambda: ["source", "rounds"])
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -158,13 +221,15 @@ class CheckpointConfig:
     """Step checkpoints: the round being trained can be resumed at the step after the newest one.
     ``every_steps`` null: only round checkpoints (plus one after an offline round's pseudo-labels)."""
 
-    every_steps: int | None = None
+    every_steps: int | None = bounded(None, ge=1, example="500", note=", or null for round checkpoints only")
 
 
 @dataclass
 class RunConfig:
+    # The default run folder is runs/<name>: a file name, never a path.
     name: str = "run"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX, example="0")
+    # cpu, cuda, cuda:<index>, or auto (cuda when a GPU is visible, else cpu).
     device: str = "cpu"
     # Forward passes (training, evaluation, pseudo-labels) in fp32, or autocast to bf16 / fp16
     # (fp16 with a GradScaler); losses and pseudo-label statistics stay float32.
@@ -177,9 +242,13 @@ class RunConfig:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    pseudo_batch_size: int = 8
+    pseudo_batch_size: int = bounded(8, ge=1, example="8")
     losses: list[LossConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else format(x, "g")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,14 +272,24 @@ def read_chain(path: str | Path) -> dict[str, Any]:
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; pass the path of a YAML recipe (see recipes/README.md)")
+    try:
+        exists = path.is_file()
+    except OSError:  # a name too long for the file system, for one
+        exists = False
+    if not exists:
+        raise ConfigError(f"recipe {_show(str(path))} does not exist; pass the path of a YAML recipe "
+                          "(see recipes/README.md)")
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path} extends itself through {' -> '.join(map(str, seen))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe {path} cannot be read as UTF-8 text ({type(exc).__name__}); "
+                          "pass a YAML recipe") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date or an integer PyYAML cannot build
+        raise ConfigError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -240,12 +319,13 @@ def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
+    """``key.path=value`` -> (key path, value read as YAML; text that is not YAML stays text)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. rounds.count=2")
+        raise ConfigError(f"override {_show(item)} must look like key.path=value, e.g. rounds.count=2")
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = text
     return key.strip(), value
 
@@ -258,7 +338,8 @@ def _set_path(raw: dict[str, Any], key: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is not a mapping")
+            raise ConfigError(f"override {_show(key)}: {_show(part)} is not a mapping; "
+                              "override the whole value or a key under a mapping")
         node = child
     node[parts[-1]] = value
 
@@ -268,25 +349,40 @@ def _set_path(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def from_dict(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from a mapping; unknown keys, wrong types and values outside a
+    field's :class:`Bound` raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'recipe'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path or 'recipe'} must be a mapping, got {type(data).__name__}; write {{key: value, ...}}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown recipe key {where}{unknown[0]}; valid keys{' under ' + path if path else ''}: {', '.join(fields)}"
-        )
+        raise ConfigError(f"unknown recipe key {where}{_show_key(unknown[0])}; "
+                          f"valid keys{' under ' + path if path else ''}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         value = _with_defaults(fields[name], value)
-        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
+        where = f"{path}.{name}" if path else name
+        kwargs[name] = _convert(hints[name], value, where)
+        bound = fields[name].metadata.get("bound")
+        if bound is not None:
+            _check_bound(bound, kwargs[name], where)
     missing = [n for n, f in fields.items() if n not in kwargs and _has_no_default(f)]
     if missing:
-        raise ConfigError(f"recipe key {path}.{missing[0]} is required")
+        raise ConfigError(f"recipe key {path}.{missing[0]} is required; add it")
     return cls(**kwargs)
+
+
+def _check_bound(bound: Bound, value: Any, path: str) -> None:
+    """``value`` (each element of a list; None passes) within ``bound``."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_bound(bound, v, f"{path}[{i}]")
+    elif not bound.holds(value):
+        raise bound.error(path, value)
 
 
 def _with_defaults(f: dataclasses.Field, value: Any) -> Any:
@@ -313,7 +409,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"recipe key {path} is {value!r}; choose one of: {', '.join(map(str, args))}")
+            raise ConfigError(f"recipe key {path} is {_show(value)}; choose one of: {', '.join(map(str, args))}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -322,8 +418,30 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _type_error(path, "a mapping", value)
+        key = next((k for k in value if not isinstance(k, str)), None)
+        if key is not None:
+            raise ConfigError(f"recipe key {path} has the key {_show(key)} ({type(key).__name__}); "
+                              "option names are strings")
         return dict(value)
     return _scalar(tp, value, path)
+
+
+# The ways a user writes a number: YAML 1.1 reads only forms with a dot and a signed exponent as
+# floats, so 1e-3, 1E6 and +1e6 arrive as text; nan / inf pass here and meet the field's range.
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)",
+                         re.IGNORECASE)
+
+
+def parse_float(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a number's text (``1e-3``, ``.5``), else None."""
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond the float range
+        return math.inf if value > 0 else -math.inf
 
 
 def _scalar(tp: Any, value: Any, path: str) -> Any:
@@ -338,9 +456,10 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
             raise _type_error(path, "an integer", value)
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = parse_float(value)
+        if number is None:
             raise _type_error(path, "a number", value)
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _type_error(path, "a string", value)
@@ -348,42 +467,146 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported schema type {tp} at {path}")
 
 
+# How to write a value of each kind in YAML, the fix of a type error.
+_WRITE = {"an integer": "write digits, e.g. 8", "a number": "write e.g. 0.5, 2 or 1e-3",
+          "true or false": "write true or false", "a string": "quote it, e.g. '1'",
+          "a list": "write [a, b, ...]", "a mapping": "write {key: value, ...}"}
+
+
 def _type_error(path: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"recipe key {path} must be {expected}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"recipe key {path} must be {expected}, got {_show(value)} ({type(value).__name__}); "
+                       f"{_WRITE[expected]}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to about ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _show_key(key: Any) -> str:
+    """A mapping key as typed when it is a plain word, else its short repr."""
+    return key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else _show(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across keys
+
+
+# The default run folder is runs/<name>: a name must stay one plain folder name.
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+_DEVICE = re.compile(r"cpu|auto|cuda(?::[0-9]+)?")
+# Data set options with one meaning in every data set that takes them (the synthetic benchmarks);
+# zero images is left to the data check, which names the empty split.
+_DATASET_OPTIONS = {"num_images": Bound(low=0, example="400"), "height": Bound(low=1, example="64"),
+                    "width": Bound(low=1, example="128"), "seed": Bound(low=0, high=SEED_MAX, example="0")}
+# A loss term's own optimiser (``options.optim``) takes the phases' ranges, and Adam's betas.
+_LOSS_OPTIM = {f.name: f.metadata["bound"] for f in dataclasses.fields(OptimConfig)
+               if f.name in ("lr", "momentum", "weight_decay")}
+_BETA = Bound(low=0, high=1, high_open=True, example="0.9")
 
 
 def _check_values(cfg: RunConfig) -> None:
-    """Range checks that types cannot express."""
-    checks = [
-        (cfg.data.num_classes >= (1 if cfg.task == "detection" else 2),
-         "data.num_classes must be at least 2 (1 object class for detection)"),
-        (cfg.rounds.count >= 0, "rounds.count must be >= 0"),
-        (0 < cfg.rounds.portion.start <= 1 and 0 < cfg.rounds.portion.max <= 1, "rounds.portion values must be in (0, 1]"),
-        (0 <= cfg.rounds.source_share.start <= 1, "rounds.source_share.start must be in [0, 1]"),
-        (cfg.rounds.batch_source >= 0 and cfg.rounds.batch_target >= 1, "rounds.batch_target must be >= 1"),
-        (cfg.rounds.steps is None or cfg.rounds.steps >= 1, "rounds.steps must be >= 1 (or null for target_epochs)"),
-        (cfg.source_training.steps >= 0, "source_training.steps must be >= 0"),
-        (cfg.source_training.optim.head_lr_mult > 0 and cfg.rounds.optim.head_lr_mult > 0,
-         "optim.head_lr_mult must be positive (1: the head trains at the same learning rate)"),
-        *((o.accumulate >= 1, f"{key}.optim.accumulate must be >= 1 (1: no gradient accumulation), got {o.accumulate}")
-          for key, o in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim))),
-        *((o.clip_grad_norm is None or o.clip_grad_norm > 0,
-           f"{key}.optim.clip_grad_norm must be positive, or null for no clipping; got {o.clip_grad_norm}")
-          for key, o in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim))),
-        (cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
-         f"checkpoint.every_steps must be >= 1, or null for round checkpoints only; got {cfg.checkpoint.every_steps}"),
-        (cfg.data.class_names is None or len(cfg.data.class_names) == cfg.data.num_classes,
-         "data.class_names must list data.num_classes names"),
-        (cfg.augment.crop is None or len(cfg.augment.crop) == 2, "augment.crop must be [height, width]"),
-        (cfg.augment.scale is None or (len(cfg.augment.scale) == 2 and cfg.augment.crop is not None),
-         "augment.scale must be [low, high] and needs augment.crop (batches need one size)"),
-        (bool(cfg.eval.scales) and all(x > 0 for x in cfg.eval.scales), "eval.scales must be positive, e.g. [0.5, 0.75, 1.0]"),
-        (bool(cfg.policy.scales) and all(x > 0 for x in cfg.policy.scales),
-         "policy.scales must be positive, e.g. [0.5, 0.75, 1.0]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """What one field's type and range cannot say: names, devices, keys that depend on each
+    other, the per-round schedule, data set and loss-term options."""
+    if not _NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name {_show(cfg.name)} cannot name the run folder runs/<name>; use 1 to 200 "
+                          "letters a-z A-Z, digits, '.', '_' and '-', not starting with '.'")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device {_show(cfg.device)} is unknown; set device: cpu, cuda, cuda:<index> or auto")
+    _check_data(cfg)
+    _check_ramp(cfg.rounds.portion, cfg.rounds.count, "portion", low_open=True)
+    _check_ramp(cfg.rounds.source_share, cfg.rounds.count, "source_share", low_open=False)
+    _check_views(cfg)
+    for i, spec in enumerate(cfg.losses):
+        if not spec.phases:
+            raise ConfigError(f"losses[{i}].phases is empty; list source, rounds or both")
+        _check_loss_optim(spec, f"losses[{i}].options.optim")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Class count, names and ignore index together; data set options."""
+    d, task = cfg.data, cfg.task
+    least = 1 if task == "detection" else 2
+    if d.num_classes < least:
+        raise ConfigError(f"data.num_classes must be >= {least} for {task}, got {d.num_classes}; give the "
+                          + ("number of object classes (background not counted)" if task == "detection"
+                             else "number of classes, e.g. 19"))
+    if d.class_names is not None and len(d.class_names) != d.num_classes:
+        raise ConfigError(f"data.class_names lists {len(d.class_names)} names but data.num_classes is "
+                          f"{d.num_classes}; list data.num_classes names or set data.num_classes: {len(d.class_names)}")
+    twice = next((n for i, n in enumerate(d.class_names or []) if n in d.class_names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"data.class_names names {_show(twice)} twice; give every class its own name")
+    if task == "segmentation" and d.num_classes > LABEL_MAX:
+        raise ConfigError(f"data.num_classes must be <= {LABEL_MAX} for segmentation, got {d.num_classes}; label "
+                          "maps are uint8 with one value left for data.ignore_index")
+    if task == "segmentation" and d.ignore_index < d.num_classes:
+        raise ConfigError(f"data.ignore_index = {d.ignore_index} is a class (data.num_classes is {d.num_classes}: "
+                          f"classes 0..{d.num_classes - 1}); set data.ignore_index: 255 (or {d.num_classes}..255)")
+    for key, spec in (("source", d.source), ("target", d.target), ("target_val", d.target_val)):
+        for option, bound in _DATASET_OPTIONS.items():
+            if spec is None or option not in spec.options:
+                continue
+            where, value = f"data.{key}.options.{option}", spec.options[option]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _type_error(where, "an integer", value)
+            _check_bound(bound, value, where)
+
+
+def _check_ramp(ramp: Ramp, count: int, key: str, *, low_open: bool) -> None:
+    """Every round's value of ``ramp`` in (0, 1] (``low_open``) or [0, 1], naming the first round outside."""
+    bound = Bound(low=0, high=1, low_open=low_open)
+    bad = next((r for r in range(1, count + 1) if not bound.holds(ramp.at(r))), None)
+    if bad is None:
+        return
+    interval, what = ("(0, 1]" if low_open else "[0, 1]"), key.replace("_", " ")
+    raise ConfigError(f"rounds.{key} gives round {bad} a {what} of {ramp.at(bad):g}, outside {interval}; set "
+                      f"rounds.{key}.start, .step and .max so that min(start + step * (round - 1), max) stays in "
+                      f"{interval} for rounds 1 to {count}")
+
+
+def _check_views(cfg: RunConfig) -> None:
+    """Crop and scale pairs, non-empty test-time scales."""
+    a = cfg.augment
+    if a.crop is not None and len(a.crop) != 2:
+        raise ConfigError(f"augment.crop must be [height, width], got {_show(a.crop)}; e.g. crop: [512, 1024], "
+                          "or null for whole images")
+    if a.scale is not None and (len(a.scale) != 2 or a.crop is None):
+        raise ConfigError("augment.scale must be [low, high] and needs augment.crop (batches need one size); "
+                          "e.g. scale: [0.7, 1.3] with crop: [512, 1024]")
+    if a.scale is not None and a.scale[0] > a.scale[1]:
+        raise ConfigError(f"augment.scale is {_show(a.scale)}, low above high; give [low, high], e.g. [0.7, 1.3]")
+    for key, scales in (("eval.scales", cfg.eval.scales), ("policy.scales", cfg.policy.scales)):
+        if not scales:
+            raise ConfigError(f"{key} is empty; list at least one scale, e.g. [1.0] or [0.5, 0.75, 1.0]")
+
+
+def _check_loss_optim(spec: LossConfig, path: str) -> None:
+    """A loss term's ``options.optim``: numbers read as the schema reads floats and checked against
+    the phases' ranges; other keys are the term's to check."""
+    optim = spec.options.get("optim")
+    if optim is None:
+        return
+    if not isinstance(optim, dict):
+        raise _type_error(path, "a mapping", optim)
+    out = dict(optim)
+    for key, bound in _LOSS_OPTIM.items():
+        if key in out:
+            out[key] = _scalar(float, out[key], f"{path}.{key}")
+            _check_bound(bound, out[key], f"{path}.{key}")
+    if "betas" in out:
+        betas = _convert(list[float], out["betas"], f"{path}.betas")
+        if len(betas) != 2:
+            raise ConfigError(f"{path}.betas must be [beta1, beta2], got {_show(betas)}; e.g. [0.9, 0.999]")
+        _check_bound(_BETA, betas, f"{path}.betas")
+        out["betas"] = betas
+    spec.options["optim"] = out
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def test_unknown_top_level_key(tmp_path):
         ("augment: {flip: 1}\n", r"augment\.flip must be true or false"),
         ("rounds: {lr_decay: half}\n", r"rounds\.lr_decay is 'half'; choose one of: constant, sqrt2"),
         ("data: {source: [1, 2]}\n", r"data\.source must be a mapping"),
-        ("rounds: {portion: {start: 1.5, step: 0.1, max: 0.5}}\n", r"portion values must be in"),
+        ("rounds: {portion: {start: 0.5, step: 0.3, max: 1.5}}\n", r"rounds\.portion gives round 3 a portion of 1\.1"),
         ("rounds: {optim: {head_lr_mult: 0}}\n", r"optim\.head_lr_mult must be positive"),
     ],
 )
