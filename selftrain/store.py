@@ -314,7 +314,7 @@ def _to_float16(confidence: np.ndarray) -> np.ndarray:
 
 _DAMAGED = f"the file was edited or is damaged: delete it and {_RESUME_HINT}"
 _FOREIGN = f"it belongs to another run: remove it from the run's pseudo/ folder and {_RESUME_HINT}"
-_READ_ERRORS = (OSError, KeyError, ValueError, TypeError)  # what h5py and numpy raise on a damaged file
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)  # h5py on a damaged file: RuntimeError for a broken B-tree
 
 
 def recipe_sha256(recipe: str) -> str:
