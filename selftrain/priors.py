@@ -373,7 +373,7 @@ def _read_npz_prior(path: Path) -> np.ndarray:
         kind = next((f"is {what}, not" for magic, what in _MAGIC.items() if head.startswith(magic[: len(head)])), "is not")
         raise DataError(f"spatial prior {path} {kind} an .npz archive written by save_prior; {fix}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             if "prior" not in data.files:
                 raise DataError(f"spatial prior {path} holds no 'prior' array (it holds {sorted(data.files)}); {fix}")
             raw = data["prior"]

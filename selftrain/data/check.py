@@ -167,5 +167,5 @@ def format_report(report: DataReport) -> str:
         lines.append(f"{name:<30}" + "".join(cells))
     absent = [n for c, n in enumerate(report.class_names) if all(s.counts[c] == 0 for s in report.splits)]
     if absent:
-        lines += ["", f"no labelled {unit[:-1]} in any data set: {', '.join(absent)}"]
+        lines += ["", f"no labelled {'pixel' if unit == 'pixels' else 'box'} in any data set: {', '.join(absent)}"]
     return "\n".join(lines)
