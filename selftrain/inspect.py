@@ -82,10 +82,13 @@ def run_class_names(path: str | Path) -> list[str]:
 
 
 def run_recipe(run: RunDir) -> Any:
-    """The run's resolved recipe (``config.yaml``) as a RunConfig."""
+    """The run's resolved recipe (``config.yaml``) as a RunConfig; a UserError when the file cannot be read."""
     from .config import load_recipe
 
-    return load_recipe(run.config)
+    try:
+        return load_recipe(run.config)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {run.config} ({exc.__class__.__name__}); restore the run's config.yaml") from None
 
 
 def _eval_class_names(file: Path) -> list[str]:

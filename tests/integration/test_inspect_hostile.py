@@ -150,6 +150,7 @@ SUMMARY = [  # (case, damage, words in the error)
     ("metrics-wrong-threshold-count", metrics_line(1, json.dumps({"round": 1, "pseudo": {"thresholds": [0.5]}})),
      "round 1 is malformed"),
     ("config-not-yaml", replace_text("config.yaml", "name: [unclosed\n"), "config.yaml"),
+    ("config-binary", lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00name"), "config.yaml"),
 ]
 
 
