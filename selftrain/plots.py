@@ -66,7 +66,8 @@ def _numbers(values: Any, n: int) -> bool:
 def _eval_fits(entry: dict[str, Any], num_classes: int) -> bool:
     key, per_class = ("miou", "iou") if "miou" in entry else ("map", "ap")
     score = entry.get(key)
-    return isinstance(score, (int, float)) and not isinstance(score, bool) and _numbers(entry.get(per_class), num_classes)
+    is_number = isinstance(score, (int, float)) and not isinstance(score, bool)
+    return is_number and _numbers(entry.get(per_class), num_classes)
 
 
 def _pseudo_fits(entry: dict[str, Any], num_classes: int) -> bool:

@@ -84,9 +84,9 @@ def show_prior(prior: str, *, out: str | None, class_names: Sequence[str] | None
     if class_names is None:
         listed = (manifest_entry(path) or {}).get("classes")
         if listed is not None and (not isinstance(listed, list) or len(listed) != array.shape[0]):
-            raise UserError(f"{path.parent / 'MANIFEST.yaml'} lists {len(listed) if isinstance(listed, list) else 'no'} "
-                            f"class names for {path}, which has {array.shape[0]} classes; rebuild the prior or pass "
-                            "--class-names")
+            count = len(listed) if isinstance(listed, list) else "no"
+            raise UserError(f"{path.parent / 'MANIFEST.yaml'} lists {count} class names for {path}, which has "
+                            f"{array.shape[0]} classes; rebuild the prior or pass --class-names")
         class_names = [str(n) for n in listed] if listed else [f"class_{i}" for i in range(array.shape[0])]
     if len(class_names) != array.shape[0]:
         raise UserError(f"--class-names gives {len(class_names)} names but {path} has {array.shape[0]} classes")

@@ -370,7 +370,8 @@ def _read_npz_prior(path: Path) -> np.ndarray:
     if not head:
         raise DataError(f"spatial prior {path} is empty (0 bytes); {fix}")
     if not head.startswith(b"PK"):
-        kind = next((f"is {what}, not" for magic, what in _MAGIC.items() if head.startswith(magic[: len(head)])), "is not")
+        kind = next((f"is {what}, not" for magic, what in _MAGIC.items() if head.startswith(magic[: len(head)])),
+                    "is not")
         raise DataError(f"spatial prior {path} {kind} an .npz archive written by save_prior; {fix}")
     try:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
@@ -409,7 +410,8 @@ def _sha256(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise DataError(f"cannot read {path} ({exc.__class__.__name__}: {exc.strerror}); check its permissions") from None
+        raise DataError(f"cannot read {path} ({exc.__class__.__name__}: {exc.strerror}); check its permissions") \
+            from None
     return digest.hexdigest()
 
 

@@ -19,6 +19,11 @@ Detection files hold ``image_ids`` [N], ``offsets`` int64 [N+1] (image ``i`` own
 The writer fills a temporary file beside the final name and renames it only in ``finish()``, so
 a reader never sees a half-written round. The reader opens the file lazily and once per process,
 so it can be handed to DataLoader workers (fork or spawn).
+
+On open the reader checks every attribute (type and range) and every dataset (shape against the
+ids and ``num_classes``, dtype), and refuses a file that fails with one StoreError line naming the
+file, the problem and the fix; ``open_round(path, expect_task=..., expect_num_classes=...,
+expect_round=..., expect_recipe=...)`` also refuses a sound file of another run.
 """
 
 from __future__ import annotations
@@ -314,7 +319,8 @@ def _to_float16(confidence: np.ndarray) -> np.ndarray:
 
 _DAMAGED = f"the file was edited or is damaged: delete it and {_RESUME_HINT}"
 _FOREIGN = f"it belongs to another run: remove it from the run's pseudo/ folder and {_RESUME_HINT}"
-_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)  # h5py on a damaged file: RuntimeError for a broken B-tree
+# what h5py and numpy raise on a damaged file (RuntimeError: h5py's answer to a broken B-tree)
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 
 
 def recipe_sha256(recipe: str) -> str:
@@ -341,7 +347,8 @@ class Expectation:
                   ("round", self.round, meta["round"]))  # fmt: skip
         for name, expected, found in fields:
             if expected is not None and expected != found:
-                raise StoreError(f"{path} holds {name}={_short(found)} but the run expects {_short(expected)}; {_FOREIGN}")
+                raise StoreError(f"{path} holds {name}={_short(found)} but the run expects {_short(expected)}; "
+                                 f"{_FOREIGN}")
         if (self.recipe is not None and self.recipe != meta["recipe"]) or (
             self.recipe_sha256 is not None and self.recipe_sha256 != recipe_digest
         ):
@@ -420,7 +427,8 @@ class RoundReader:
                 raise StoreError(f"{self.path} is not an HDF5 file; delete it and {_RESUME_HINT}")
             h5 = h5py.File(self.path, "r")
         except OSError as exc:
-            raise StoreError(f"{self.path} is a corrupt HDF5 file ({_why(exc)}); delete it and {_RESUME_HINT}") from None
+            raise StoreError(f"{self.path} is a corrupt HDF5 file ({_why(exc)}); delete it and {_RESUME_HINT}") \
+                from None
         try:
             _check_header(self.path, h5)
         except StoreError:

@@ -64,11 +64,12 @@ def data_regions(raw: bytes) -> list[tuple[int, int]]:
 
 VALID = {task: valid_bytes(task) for task in ("segmentation", "detection")}
 REGIONS = {task: data_regions(raw) for task, raw in VALID.items()}
+TEXT = st.characters(exclude_characters="\x00")  # HDF5 strings cannot hold NUL
 VALUES = st.one_of(
     st.none(),  # delete the attribute
-    st.integers(-300, 300), st.floats(allow_nan=True), st.booleans(), st.text(max_size=12),
+    st.integers(-300, 300), st.floats(allow_nan=True), st.booleans(), st.text(TEXT, max_size=12),
     st.sampled_from(["segmentation", "detection", "selftrain.pseudo/1"]),
-    st.lists(st.text(max_size=6), max_size=4), st.lists(st.integers(-2, 300), min_size=1, max_size=4),
+    st.lists(st.text(TEXT, max_size=6), max_size=4), st.lists(st.integers(-2, 300), min_size=1, max_size=4),
 )
 
 
