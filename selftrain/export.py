@@ -49,7 +49,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import DataError, UserError
-from .inspect import open_round_of, open_run
+from .inspect import open_round_of, open_run, run_recipe
 from .io import atomic_path, write_text_atomic
 from .overlay import cityscapes_label
 from .progress import progress
@@ -76,9 +76,7 @@ def export_round(path: str | Path, round_index: int, out_dir: str | Path, fmt: s
             raise UserError(f"--format {fmt} does not fit {reader.task} pseudo-labels; use one of: "
                             f"{', '.join(FORMATS[reader.task])}")
         check_destination(out, overwrite=overwrite)
-        from .config import load_recipe
-
-        cfg = load_recipe(run.config)
+        cfg = run_recipe(run)
         needs_images = reader.task == "detection" or images != "none"
         target = TargetImages.of_recipe(cfg, reader) if needs_images else None
         try:

@@ -11,6 +11,7 @@ the share at or above epsilon), which tells why a round kept few boxes or none.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from .errors import StoreError, UserError
 from .metrics import bincount_skipping, headline
 from .progress import progress
 from .store import RoundReader, open_round
+
+log = logging.getLogger(__name__)
+_RESTORE = "restore it or rerun with --resume"
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,30 @@ def run_class_names(path: str | Path) -> list[str]:
         with open_round_of(run, rounds[0]) as reader:
             return list(reader.meta["class_names"])
     for file in sorted((run.root / "eval").glob("round_*.json")):
-        return list(json.loads(file.read_text()).get("class_names", []))
+        return _eval_class_names(file)
+    cfg = run_recipe(run)
+    return list(cfg.data.class_names or [f"class_{i}" for i in range(cfg.data.num_classes)])
+
+
+def run_recipe(run: RunDir) -> Any:
+    """The run's resolved recipe (``config.yaml``) as a RunConfig; a UserError when the file cannot be read."""
     from .config import load_recipe
 
-    cfg = load_recipe(run.config)
-    return list(cfg.data.class_names or [f"class_{i}" for i in range(cfg.data.num_classes)])
+    try:
+        return load_recipe(run.config)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {run.config} ({exc.__class__.__name__}); restore the run's config.yaml") from None
+
+
+def _eval_class_names(file: Path) -> list[str]:
+    """``class_names`` of an evaluation file (``eval/round_NNN.json``)."""
+    try:
+        names = json.loads(file.read_text()).get("class_names", [])
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{file} is not a JSON object ({exc.__class__.__name__}); {_RESTORE}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{file} has class_names that are not a list of names; {_RESTORE}")
+    return names
 
 
 def pseudo_rounds(run: RunDir) -> list[int]:
@@ -88,29 +111,73 @@ def pseudo_rounds(run: RunDir) -> list[int]:
 
 
 def read_metrics(run: RunDir) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl by round (the last record of a round wins); empty when the file is absent."""
-    if not run.metrics.is_file():
-        return {}
+    """metrics.jsonl by round (the last record of a round wins); empty when the file is absent.
+
+    A last line that does not parse is a record torn by a kill mid-write: it is left out with a
+    warning. A damaged line before it is a UserError naming the file and the line.
+    """
+    try:
+        lines = run.metrics.read_bytes().split(b"\n") if run.metrics.is_file() else []
+    except OSError as exc:
+        raise UserError(f"cannot read {run.metrics} ({exc.__class__.__name__}); {_RESTORE}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     records: dict[int, dict[str, Any]] = {}
-    for n, line in enumerate(run.metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for k, (n, line) in enumerate(numbered):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{run.metrics} line {n} is not JSON; the file was edited or damaged: "
-                            "restore it or rerun with --resume") from None
-        records[int(record["round"])] = record
+            record = parse_record(line)
+        except ValueError as exc:
+            if k == len(numbered) - 1:
+                log.warning("%s line %d is incomplete (the run stopped while writing it): left out", run.metrics, n)
+                break
+            raise UserError(f"{run.metrics} line {n} {exc}; the file was edited or damaged: {_RESTORE}") from None
+        records[record["round"]] = record
     return records
 
 
-def open_round_of(run: RunDir, round_index: int) -> RoundReader:
-    """The complete pseudo-label file of one round (StoreError names the fix otherwise)."""
+def parse_record(line: bytes | str) -> dict[str, Any]:
+    """One metrics.jsonl record, checked for the fields the summary and plots read; ValueError
+    saying what is wrong otherwise."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError("is not JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError("is not a JSON object")
+    number = record.get("round")
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError("has no round number")
+    for key in ("eval", "pseudo"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise ValueError(f"has an {key!r} entry that is not an object")
+    evaluation = record.get("eval") or {}
+    if evaluation and not any(_is_number(evaluation.get(k)) for k in ("miou", "map")):
+        raise ValueError("has an 'eval' entry without a numeric miou or map")
+    if any(not isinstance(evaluation.get(k, []), list) for k in ("iou", "ap")):
+        raise ValueError("has an 'eval' entry whose per-class scores are not a list")
+    return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def open_round_of(run: RunDir, round_index: int, *, check_recipe: bool = False) -> RoundReader:
+    """The complete pseudo-label file of one round, checked against the run's ``config.yaml``: task,
+    class count (and names, where the recipe lists them), the round its name gives and, with
+    ``check_recipe``, the recipe itself (StoreError names the fix otherwise)."""
     path = run.pseudo(round_index)
     if not path.is_file():
         have = ", ".join(map(str, pseudo_rounds(run))) or "none"
         raise StoreError(f"round {round_index} has no pseudo-label file {path}; rounds with labels: {have}")
-    return open_round(path)
+    cfg = run_recipe(run)
+    recipe = None
+    if check_recipe:
+        try:
+            recipe = run.config.read_text()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {run.config} ({exc.__class__.__name__}); {_RESTORE}") from None
+    return open_round(path, expect_task=cfg.task, expect_num_classes=cfg.data.num_classes,
+                      expect_class_names=cfg.data.class_names, expect_round=round_index, expect_recipe=recipe)
 
 
 def summarize_run(path: str | Path, *, recount: bool = False) -> list[RoundStats]:
@@ -119,9 +186,39 @@ def summarize_run(path: str | Path, *, recount: bool = False) -> list[RoundStats
     metrics = read_metrics(run)
     rows = [_metrics_only_row(metrics[0])] if 0 in metrics else []
     for r in pseudo_rounds(run):
-        with open_round_of(run, r) as reader:
-            rows.append(round_stats(reader, metrics.get(r, {}), recount=recount))
+        with open_round_of(run, r, check_recipe=True) as reader:
+            rows.append(round_stats(reader, _pseudo_checked(run, r, metrics.get(r, {}), reader), recount=recount))
     return rows
+
+
+def _pseudo_checked(run: RunDir, r: int, record: dict[str, Any], reader: RoundReader) -> dict[str, Any]:
+    """``record`` when the ``pseudo`` fields the summary prints have the right types and one entry
+    per class of ``reader``; a UserError naming the round otherwise."""
+    pseudo, num_classes = record.get("pseudo") or {}, reader.meta["num_classes"]
+    problem = None
+    for key in ("thresholds", "precision"):
+        values = pseudo.get(key)
+        if values is not None and not (isinstance(values, list) and len(values) == num_classes
+                                       and all(v is None or _is_number(v) for v in values)):
+            problem = f"pseudo.{key} is not {num_classes} numbers (one per class)"
+    if pseudo.get("precision_overall") is not None and not _is_number(pseudo["precision_overall"]):
+        problem = "pseudo.precision_overall is not a number"
+    selection = pseudo.get("selection")
+    if selection is not None and not _selection_ok(selection):
+        problem = "pseudo.selection lacks a numeric epsilon, detections, at_least_epsilon or quantiles"
+    if problem:
+        raise UserError(f"{run.metrics}: the record of round {r} is malformed ({problem}); {_RESTORE}")
+    return record
+
+
+def _selection_ok(selection: Any) -> bool:
+    """Whether an online round's ``pseudo.selection`` has the numbers the selection table prints."""
+    if not isinstance(selection, dict):
+        return False
+    quantiles, share = selection.get("quantiles") or {}, selection.get("share")
+    return (all(_is_number(selection.get(k)) for k in ("epsilon", "detections", "at_least_epsilon"))
+            and (share is None or _is_number(share)) and isinstance(quantiles, dict)
+            and all(v is None or _is_number(v) for v in quantiles.values()))
 
 
 def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = False) -> RoundStats:

@@ -4,10 +4,16 @@
 - ``class_iou.png``: IoU (or AP) per class per round as an annotated heat map.
 - ``pseudo_distribution.png``: share of the pseudo-labels per class, one stacked bar per round.
 - ``thresholds.png``: threshold per class per round (log scale).
+
+The records come from :func:`selftrain.inspect.read_metrics`, which already refuses a damaged line
+and leaves out a torn last one; a record whose per-class lists do not have one number per class
+(an edited file, or a run of another label set) is left out of the plot it does not fit, with a
+warning, so that drawing never stops a run.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,13 +23,15 @@ from .io import atomic_path
 from .metrics import headline
 from .overlay import palette_for
 
+log = logging.getLogger(__name__)
+
 
 def plot_run(records: Sequence[dict[str, Any]], class_names: Sequence[str], out_dir: str | Path) -> list[Path]:
     """Write every plot the records support; returns the files written."""
     out_dir = Path(out_dir)
     palette = palette_for(class_names) / 255.0
-    evaluated = [r for r in records if r.get("eval")]
-    labelled = [r for r in records if r.get("pseudo")]
+    evaluated = _fitting(records, "eval", len(class_names), _eval_fits)
+    labelled = _fitting(records, "pseudo", len(class_names), _pseudo_fits)
     written = []
     if evaluated:
         written.append(_save(_score_figure(evaluated), out_dir / "score.png"))
@@ -32,6 +40,39 @@ def plot_run(records: Sequence[dict[str, Any]], class_names: Sequence[str], out_
         written.append(_save(_distribution_figure(labelled, class_names, palette), out_dir / "pseudo_distribution.png"))
         written.append(_save(_threshold_figure(labelled, class_names, palette), out_dir / "thresholds.png"))
     return written
+
+
+def _fitting(records: Sequence[dict[str, Any]], key: str, num_classes: int, fits) -> list[dict[str, Any]]:
+    """The records with a ``key`` entry that ``fits(entry, num_classes)``; the others are logged and left out."""
+    out = []
+    for record in records:
+        entry = record.get(key)
+        if not entry:
+            continue
+        if isinstance(entry, dict) and fits(entry, num_classes):
+            out.append(record)
+        else:
+            log.warning("metrics.jsonl: the %r entry of round %s does not fit %d classes; left out of the plots",
+                        key, record.get("round"), num_classes)
+    return out
+
+
+def _numbers(values: Any, n: int) -> bool:
+    """Whether ``values`` is a list of ``n`` numbers (None allowed, drawn as a gap)."""
+    return isinstance(values, list) and len(values) == n and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+
+
+def _eval_fits(entry: dict[str, Any], num_classes: int) -> bool:
+    key, per_class = ("miou", "iou") if "miou" in entry else ("map", "ap")
+    score = entry.get(key)
+    is_number = isinstance(score, (int, float)) and not isinstance(score, bool)
+    return is_number and _numbers(entry.get(per_class), num_classes)
+
+
+def _pseudo_fits(entry: dict[str, Any], num_classes: int) -> bool:
+    counts = entry.get("selected_pixels")
+    return _numbers(counts, num_classes) and None not in counts and _numbers(entry.get("thresholds"), num_classes)
 
 
 def _metric(record: dict[str, Any]) -> tuple[str, float, list[float | None]]:

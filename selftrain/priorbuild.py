@@ -48,6 +48,8 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
         h, w = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--size {size!r} must look like HxW, e.g. 64x128") from None
+    if h < 1 or w < 1:
+        raise ConfigError(f"--size {size!r} must be at least 1x1, e.g. 64x128")
     return h, w
 
 
@@ -55,8 +57,12 @@ def build_prior_command(*, dataset: str, root: str | None, split: str, options: 
                         num_classes: int | None, out: str, size: str | None, ksize: int | None,
                         plot: bool, command: str, overrides: Sequence[str] = ()) -> str:
     """Build, save (with its MANIFEST entry) and optionally plot a prior; returns a summary line."""
-    ds, classes, ignore, source = _source_dataset(dataset, root, split, options, num_classes, overrides)
+    if ksize is not None and ksize < 1:
+        raise ConfigError(f"--ksize {ksize} must be a positive number of pixels, e.g. 35")
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"--num-classes {num_classes} must be at least 1")
     hw = _parse_size(size)
+    ds, classes, ignore, source = _source_dataset(dataset, root, split, options, num_classes, overrides)
     height = hw[0] if hw else ds.ground_truth(0).shape[0] if hasattr(ds, "ground_truth") else ds[0]["label"].shape[0]
     k = ksize or scaled_kernel_size(height)
     prior = build_spatial_prior(_labels(ds), classes, k, size=hw, ignore_index=ignore)
@@ -76,8 +82,12 @@ def show_prior(prior: str, *, out: str | None, class_names: Sequence[str] | None
         path = path.with_suffix(".npz")
     array = load_prior(path)
     if class_names is None:
-        entry = manifest_entry(path) or {}
-        class_names = entry.get("classes") or [f"class_{i}" for i in range(array.shape[0])]
+        listed = (manifest_entry(path) or {}).get("classes")
+        if listed is not None and (not isinstance(listed, list) or len(listed) != array.shape[0]):
+            count = len(listed) if isinstance(listed, list) else "no"
+            raise UserError(f"{path.parent / 'MANIFEST.yaml'} lists {count} class names for {path}, which has "
+                            f"{array.shape[0]} classes; rebuild the prior or pass --class-names")
+        class_names = [str(n) for n in listed] if listed else [f"class_{i}" for i in range(array.shape[0])]
     if len(class_names) != array.shape[0]:
         raise UserError(f"--class-names gives {len(class_names)} names but {path} has {array.shape[0]} classes")
     return plot_prior(array, list(class_names), Path(out) if out else path.with_suffix(".png"))

@@ -40,6 +40,8 @@ import datetime as _dt
 import hashlib
 import logging
 import math
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -226,6 +228,7 @@ def save_prior(
     array = _as_prior_array(prior)
     if len(class_names) != array.shape[0]:
         raise ValueError(f"prior has {array.shape[0]} classes but {len(class_names)} class_names were given")
+    manifest = _read_manifest(path.parent)  # a damaged manifest stops the save before anything is written
     with atomic_path(path, suffix=".npz.tmp") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, prior=array, class_names=np.asarray(list(class_names), dtype=str), ksize=np.int64(ksize))
@@ -240,7 +243,6 @@ def save_prior(
         "sha256": _sha256(path),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    manifest = _read_manifest(path.parent)
     manifest[path.stem] = entry
     write_text_atomic(path.parent / MANIFEST_NAME, yaml.safe_dump(manifest, sort_keys=True, allow_unicode=True))
     log.info("saved spatial prior %s %s (sha256 %s)", path, tuple(array.shape), entry["sha256"][:12])
@@ -329,9 +331,10 @@ def _check_against_manifest(path: Path) -> None:
 
 
 def manifest_entry(path: str | Path) -> dict[str, Any] | None:
-    """The MANIFEST.yaml entry of a prior file (None when it has none)."""
+    """The MANIFEST.yaml entry of a prior file (None when it has none or the entry is not a mapping)."""
     path = Path(path)
-    return _read_manifest(path.parent).get(path.stem)
+    entry = _read_manifest(path.parent).get(path.stem)
+    return entry if isinstance(entry, dict) else None
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -340,7 +343,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, OSError, ValueError) as exc:
         raise DataError(
             f"{path} is not valid YAML ({exc.__class__.__name__}); fix or delete it and rebuild the priors"
         ) from exc
@@ -351,24 +354,64 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
+_MAGIC = {b"\x93NUMPY": "a single .npy array", b"\x89HDF\r\n\x1a\n": "an HDF5 file"}
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz_prior(path: Path) -> np.ndarray:
+    """The ``prior`` array of an .npz file, checked: [C, H, W] real numbers, finite, non-negative,
+    no class map all zero. -> float32 [C, H, W]"""
+    fix = _BUILD_HINT.format(path=path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            prior = np.asarray(data["prior"], dtype=np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"spatial prior {path} is unreadable ({exc}); " + _BUILD_HINT.format(path=path)) from exc
-    if prior.ndim != 3:
-        raise DataError(
-            f"spatial prior {path} has shape {prior.shape}, expected [C, H, W]; " + _BUILD_HINT.format(path=path)
-        )
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise DataError(f"spatial prior {path} cannot be read ({exc.__class__.__name__}); {fix}") from None
+    if not head:
+        raise DataError(f"spatial prior {path} is empty (0 bytes); {fix}")
+    if not head.startswith(b"PK"):
+        kind = next((f"is {what}, not" for magic, what in _MAGIC.items() if head.startswith(magic[: len(head)])),
+                    "is not")
+        raise DataError(f"spatial prior {path} {kind} an .npz archive written by save_prior; {fix}")
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+            if "prior" not in data.files:
+                raise DataError(f"spatial prior {path} holds no 'prior' array (it holds {sorted(data.files)}); {fix}")
+            raw = data["prior"]
+    except _NPZ_ERRORS as exc:
+        why = " ".join(str(exc).split())[:160]
+        raise DataError(f"spatial prior {path} is unreadable ({exc.__class__.__name__}: {why}); {fix}") from None
+    return _checked_prior(path, raw)
+
+
+def _checked_prior(path: Path, raw: np.ndarray) -> np.ndarray:
+    """``raw`` as float32 [C, H, W] when its values can be a prior; a DataError otherwise."""
+    fix = _BUILD_HINT.format(path=path)
+    if raw.ndim != 3 or 0 in raw.shape:
+        raise DataError(f"spatial prior {path} has shape {tuple(raw.shape)}, expected [C, H, W] with C, H, W >= 1; "
+                        + fix)
+    if raw.dtype.kind not in "iuf":
+        raise DataError(f"spatial prior {path} holds {raw.dtype} values, expected real numbers; {fix}")
+    prior = raw.astype(np.float32)
+    if not np.isfinite(prior).all():
+        raise DataError(f"spatial prior {path} holds NaN or infinite values; {fix}")
+    if (prior < 0).any():
+        raise DataError(f"spatial prior {path} holds negative values (min {float(prior.min()):g}); {fix}")
+    empty = np.flatnonzero(prior.reshape(prior.shape[0], -1).sum(1) <= 0)
+    if empty.size:
+        raise DataError(f"spatial prior {path} has an all-zero map for class {int(empty[0])}; {fix}")
     return prior
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.__class__.__name__}: {exc.strerror}); check its permissions") \
+            from None
     return digest.hexdigest()
 
 

@@ -19,15 +19,22 @@ Detection files hold ``image_ids`` [N], ``offsets`` int64 [N+1] (image ``i`` own
 The writer fills a temporary file beside the final name and renames it only in ``finish()``, so
 a reader never sees a half-written round. The reader opens the file lazily and once per process,
 so it can be handed to DataLoader workers (fork or spawn).
+
+On open the reader checks every attribute (type and range) and every dataset (shape against the
+ids and ``num_classes``, dtype), and refuses a file that fails with one StoreError line naming the
+file, the problem and the fix; ``open_round(path, expect_task=..., expect_num_classes=...,
+expect_round=..., expect_recipe=...)`` also refuses a sound file of another run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +46,7 @@ from . import __version__
 from .errors import StoreError
 from .io import atomic_path
 
-__all__ = ["FORMAT", "PseudoLabelWriter", "RoundReader", "open_round", "written_by"]
+__all__ = ["FORMAT", "Expectation", "PseudoLabelWriter", "RoundReader", "open_round", "recipe_sha256", "written_by"]
 
 log = logging.getLogger(__name__)
 
@@ -310,60 +317,126 @@ def _to_float16(confidence: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
+_DAMAGED = f"the file was edited or is damaged: delete it and {_RESUME_HINT}"
+_FOREIGN = f"it belongs to another run: remove it from the run's pseudo/ folder and {_RESUME_HINT}"
+# what h5py and numpy raise on a damaged file (RuntimeError: h5py's answer to a broken B-tree)
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+
+
+def recipe_sha256(recipe: str) -> str:
+    """Hex sha256 of a resolved recipe's text: what ``expect_recipe_sha256`` is compared with."""
+    return hashlib.sha256(recipe.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the caller's run says a round file must hold; a field left None is not checked."""
+
+    task: str | None = None
+    num_classes: int | None = None
+    class_names: Sequence[str] | None = None
+    round: int | None = None
+    recipe: str | None = None
+    recipe_sha256: str | None = None
+
+    def check(self, path: Path, meta: dict[str, Any]) -> None:
+        """StoreError naming the first field of ``meta`` that disagrees with the run."""
+        recipe_digest = recipe_sha256(meta["recipe"]) if self.recipe_sha256 is not None else None
+        fields = (("task", self.task, meta["task"]), ("num_classes", self.num_classes, meta["num_classes"]),
+                  ("class_names", _list(self.class_names), meta["class_names"]),
+                  ("round", self.round, meta["round"]))  # fmt: skip
+        for name, expected, found in fields:
+            if expected is not None and expected != found:
+                raise StoreError(f"{path} holds {name}={_short(found)} but the run expects {_short(expected)}; "
+                                 f"{_FOREIGN}")
+        if (self.recipe is not None and self.recipe != meta["recipe"]) or (
+            self.recipe_sha256 is not None and self.recipe_sha256 != recipe_digest
+        ):
+            raise StoreError(f"{path} was written with another recipe than this run's config.yaml; {_FOREIGN}")
+
 
 def written_by(path: str | os.PathLike, round_index: int, recipe: str) -> bool:
-    """Whether ``path`` is a complete round file of round ``round_index`` made with ``recipe``."""
+    """Whether ``path`` is a complete, sound round file of round ``round_index`` made with ``recipe``."""
     try:
-        with open_round(path) as reader:
-            return reader.meta.get("round") == round_index and reader.meta.get("recipe") == recipe
+        with open_round(path, expect_round=round_index, expect_recipe=recipe):
+            return True
     except StoreError:
         return False
 
 
-def open_round(path: str | os.PathLike) -> RoundReader:
-    """Open a complete pseudo-label file for reading; raises StoreError when it is missing,
-    not HDF5, not a selftrain file, or incomplete."""
-    return RoundReader(path)
+def open_round(
+    path: str | os.PathLike,
+    *,
+    expect_task: str | None = None,
+    expect_num_classes: int | None = None,
+    expect_class_names: Sequence[str] | None = None,
+    expect_round: int | None = None,
+    expect_recipe: str | None = None,
+    expect_recipe_sha256: str | None = None,
+) -> RoundReader:
+    """Open a complete pseudo-label file for reading; raises StoreError when it is missing, not
+    HDF5, not a selftrain file, incomplete, damaged (attributes or datasets of the wrong type or
+    shape) or, for each ``expect_*`` given, holds another task, class count, class names, round
+    or recipe (the resolved YAML text, or its :func:`recipe_sha256`) than the caller's run."""
+    expect = Expectation(task=expect_task, num_classes=expect_num_classes, class_names=expect_class_names,
+                         round=expect_round, recipe=expect_recipe, recipe_sha256=expect_recipe_sha256)  # fmt: skip
+    return RoundReader(path, expect=expect)
 
 
 class RoundReader:
     """Read one round's pseudo-labels (see the module docstring for the layout).
 
-    The small arrays (ids, offsets, statistics) are read once; per-image data is read on demand
-    from an h5py handle opened lazily and again in each new process, so the reader pickles
-    (the handle is dropped) and works inside DataLoader workers.
+    Opening checks every attribute and the shape and dtype of every dataset (and, for detection,
+    offsets and box labels), so a file that opens is consistent; segmentation label values are
+    checked as images are read. The small arrays (ids, offsets, statistics) are read once;
+    per-image data is read on demand from an h5py handle opened lazily and again in each new
+    process, so the reader pickles (the handle is dropped) and works inside DataLoader workers.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, expect: Expectation | None = None) -> None:
         self.path = Path(path)
         self._h5: h5py.File | None = None
         self._pid: int | None = None
-        with self._open_checked() as h5:
-            self.meta = _read_meta(h5)
-            self.image_ids: list[str] = [_as_str(x) for x in h5["image_ids"][()]] if "image_ids" in h5 else []
-            self.thresholds = _optional(h5, "thresholds")
-            self.predicted_pixels = _optional(h5, "predicted_pixels")
-            self.selected_pixels = _optional(h5, "selected_pixels")
-            self.histogram = _optional(h5, "histogram")
-            self._offsets = _optional(h5, "offsets")
+        h5 = self._open_checked()
+        try:
+            self.meta = _read_meta(self.path, h5)
+            (expect or Expectation()).check(self.path, self.meta)
+            contents = _read_contents(self.path, h5, self.meta)
+        except _READ_ERRORS as exc:
+            raise StoreError(f"{self.path} cannot be read ({_why(exc)}); {_DAMAGED}") from None
+        finally:
+            h5.close()
         self.task: str = self.meta["task"]
+        self.image_ids: list[str] = contents["image_ids"]
+        self.thresholds = contents.get("thresholds")
+        self.predicted_pixels = contents.get("predicted_pixels")
+        self.selected_pixels = contents.get("selected_pixels")
+        self.histogram = contents.get("histogram")
+        self._offsets = contents.get("offsets")
+        self._image_shape: tuple[int, int] | None = contents.get("image_shape")
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
 
     def _open_checked(self) -> h5py.File:
         """Open the file and refuse anything that is not a complete selftrain pseudo-label file."""
-        if not self.path.is_file():
+        if not self.path.exists():
             raise StoreError(f"pseudo-label file {self.path} does not exist; run the round first (or {_RESUME_HINT})")
-        if not h5py.is_hdf5(self.path):
-            raise StoreError(f"{self.path} is not an HDF5 file; delete it and {_RESUME_HINT}")
+        if not self.path.is_file():
+            raise StoreError(f"{self.path} is not a file; pass a <run>/pseudo/round_NNN.h5 file")
         try:
+            if not h5py.is_hdf5(self.path):
+                raise StoreError(f"{self.path} is not an HDF5 file; delete it and {_RESUME_HINT}")
             h5 = h5py.File(self.path, "r")
         except OSError as exc:
-            raise StoreError(f"{self.path} is a corrupt HDF5 file ({exc}); delete it and {_RESUME_HINT}") from exc
+            raise StoreError(f"{self.path} is a corrupt HDF5 file ({_why(exc)}); delete it and {_RESUME_HINT}") \
+                from None
         try:
             _check_header(self.path, h5)
         except StoreError:
             h5.close()
             raise
+        except _READ_ERRORS as exc:
+            h5.close()
+            raise StoreError(f"{self.path} cannot be read ({_why(exc)}); {_DAMAGED}") from None
         return h5
 
     # -- access -------------------------------------------------------------------------------
@@ -380,32 +453,32 @@ class RoundReader:
 
     def labels(self, i: int) -> np.ndarray:
         """Pseudo-labels of image ``i``: uint8 [H, W], ``ignore_index`` where not selected."""
-        return self._image("labels", i).astype(np.uint8, copy=False)
+        i = self._check_index(i)
+        return self._checked_labels(self._image("labels", i), f"image {self.image_ids[i]!r}")
 
-    def label_rows(self, start: int, stop: int) -> np.ndarray:
+    def label_rows(self, start: int, stop: int | None) -> np.ndarray:
         """The stored ``labels`` rows ``start:stop``: [n, H, W] uint8 (segmentation) or [n] int64 box
         labels (detection); one read for a block of images or boxes."""
-        return self._file()["labels"][start:stop]
+        rows = self._read("labels", slice(start, stop))
+        return self._checked_labels(rows, f"images {start}..") if self.task == "segmentation" else rows
 
     @property
     def image_shape(self) -> tuple[int, int] | None:
         """(H, W) shared by every segmentation image of the file; None for detection or an empty file."""
-        if self.task != "segmentation" or "labels" not in self._file():
-            return None
-        return tuple(self._file()["labels"].shape[1:])
+        return self._image_shape
 
     def confidence(self, i: int) -> np.ndarray:
         """Softmax probability of each pixel's assigned class in image ``i`` (0 where ignored): float32 [H, W]."""
-        return self._image("confidence", i).astype(np.float32)
+        return self._image("confidence", self._check_index(i)).astype(np.float32)
 
     def boxes(self, i: int) -> dict[str, np.ndarray]:
         """Pseudo-boxes of image ``i``: boxes float32 [K, 4], labels int64 [K], scores float32 [K],
         srrs float32 [K] (K may be 0)."""
         self._require_task("detection", "boxes")
         i = self._check_index(i)
-        start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
-        h5 = self._file()
-        return {name: h5[name][start:stop] for name in ("boxes", "labels", "scores", "srrs")}
+        rows = slice(int(self._offsets[i]), int(self._offsets[i + 1]))
+        dtypes = {"boxes": np.float32, "labels": np.int64, "scores": np.float32, "srrs": np.float32}
+        return {name: self._read(name, rows).astype(dtype, copy=False) for name, dtype in dtypes.items()}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -436,14 +509,32 @@ class RoundReader:
     def _file(self) -> h5py.File:
         """The h5py handle of this process (a forked child re-opens instead of sharing the parent's)."""
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
+            try:
+                self._h5 = h5py.File(self.path, "r")
+            except OSError as exc:
+                raise StoreError(f"{self.path} cannot be opened again ({_why(exc)}); {_DAMAGED}") from None
             self._pid = os.getpid()
         return self._h5
 
+    def _read(self, name: str, rows: int | slice) -> np.ndarray:
+        """Rows of one dataset; a damaged chunk is a StoreError naming the file."""
+        try:
+            return np.asarray(self._file()[name][rows])
+        except _READ_ERRORS as exc:
+            raise StoreError(f"{self.path} dataset {name!r} cannot be read ({_why(exc)}); {_DAMAGED}") from None
+
     def _image(self, name: str, i: int) -> np.ndarray:
         self._require_task("segmentation", name)
-        i = self._check_index(i)
-        return self._file()[name][i]
+        return self._read(name, i)
+
+    def _checked_labels(self, labels: np.ndarray, where: str) -> np.ndarray:
+        """``labels`` unchanged when every value is a class or ``ignore_index``; a StoreError otherwise."""
+        num_classes, ignore = self.meta["num_classes"], self.meta["ignore_index"]
+        bad = (labels >= num_classes) & (labels != ignore)
+        if bad.any():
+            raise StoreError(f"{self.path} holds label {int(labels[bad][0])} in {where}, neither one of "
+                             f"{num_classes} classes nor ignore_index {ignore}; {_DAMAGED}")
+        return labels.astype(np.uint8, copy=False)
 
     def _check_index(self, i: int) -> int:
         i = int(i)
@@ -464,37 +555,146 @@ def _check_header(path: Path, h5: h5py.File) -> None:
     fmt = _as_str(h5.attrs.get("format", ""))
     if fmt != FORMAT:
         raise StoreError(
-            f"{path} is not a selftrain pseudo-label file (format {fmt!r}, expected {FORMAT!r}); "
+            f"{path} is not a selftrain pseudo-label file (format {_short(fmt)}, expected {FORMAT!r}); "
             f"pass a <run>/pseudo/round_NNN.h5 written by this selftrain version"
         )
-    if not bool(h5.attrs.get("complete", False)):
+    complete = h5.attrs.get("complete", False)
+    if not isinstance(complete, (bool, np.bool_)) or not complete:
         raise StoreError(f"{path} is incomplete (the writing run was interrupted); {_RESUME_HINT}")
     task = _as_str(h5.attrs.get("task", ""))
     if task not in TASKS:
-        raise StoreError(f"{path} has task {task!r}, expected one of {TASKS}; delete it and {_RESUME_HINT}")
+        raise StoreError(f"{path} has task {_short(task)}, expected one of {TASKS}; delete it and {_RESUME_HINT}")
 
 
-def _read_meta(h5: h5py.File) -> dict[str, Any]:
-    """Root attributes as plain Python values (class_names: list[str], recipe: str)."""
+def _read_meta(path: Path, h5: h5py.File) -> dict[str, Any]:
+    """Root attributes as plain Python values, each checked (class_names: list[str], recipe: str)."""
     meta = {key: _plain(value) for key, value in h5.attrs.items()}
-    meta["class_names"] = [_as_str(n) for n in np.atleast_1d(h5.attrs.get("class_names", []))]
-    meta["recipe"] = _as_str(h5.attrs.get("recipe", ""))
+    for key, minimum in (("round", 0), ("num_classes", 1), ("ignore_index", 0)):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _damaged(path, f"attribute {key!r} is {_short(value)}, expected an integer >= {minimum}")
+    for key in ("policy", "recipe"):
+        if not isinstance(meta.get(key), str):
+            raise _damaged(path, f"attribute {key!r} is {_short(meta.get(key))}, expected text")
+    portion = meta.get("portion")
+    if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0 <= portion <= 1:
+        raise _damaged(path, f"attribute 'portion' is {_short(portion)}, expected a number in [0, 1]")
+    names, num_classes = meta.get("class_names"), meta["num_classes"]
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise _damaged(path, f"attribute 'class_names' is {_short(names)}, expected {num_classes} names (num_classes)")
+    ignore = meta["ignore_index"]
+    if meta["task"] == "segmentation" and not num_classes <= ignore <= 255:
+        raise _damaged(path, f"ignore_index {ignore} must lie in [num_classes={num_classes}, 255] for uint8 labels")
+    meta["task"] = _as_str(meta["task"])
     return meta
 
 
+def _read_contents(path: Path, h5: h5py.File, meta: dict[str, Any]) -> dict[str, Any]:
+    """The small arrays, each dataset's shape and dtype checked against the ids and num_classes."""
+    ids_dataset = _dataset(path, h5, "image_ids", (None,), "text", required=True)
+    image_ids = [_as_str(x) for x in ids_dataset[()]]
+    if len(set(image_ids)) != len(image_ids):
+        repeated = next(i for i in image_ids if image_ids.count(i) > 1)
+        raise _damaged(path, f"image id {_short(repeated)} appears more than once in 'image_ids'")
+    n, c = len(image_ids), meta["num_classes"]
+    out: dict[str, Any] = {"image_ids": image_ids}
+    for name, shape, kind in (("thresholds", (c,), "float"), ("predicted_pixels", (c,), "integer"),
+                              ("selected_pixels", (c,), "integer"), ("histogram", (c, None), "number")):
+        dataset = _dataset(path, h5, name, shape, kind, required=False)
+        if dataset is not None:
+            out[name] = dataset[()]
+    if meta["task"] == "segmentation":
+        out["image_shape"] = _segmentation_shape(path, h5, n)
+    else:
+        out["offsets"] = _detection_offsets(path, h5, n, c)
+    return out
+
+
+def _segmentation_shape(path: Path, h5: h5py.File, n: int) -> tuple[int, int] | None:
+    """(H, W) of the ``labels`` and ``confidence`` stacks [N, H, W]; None for a file without images."""
+    labels = _dataset(path, h5, "labels", (n, None, None), "uint8", required=n > 0)
+    confidence = _dataset(path, h5, "confidence", (n, None, None), "float", required=n > 0 or labels is not None)
+    if labels is None:
+        if confidence is not None:
+            raise _damaged(path, "has a 'confidence' dataset but no 'labels'")
+        return None
+    if confidence.shape != labels.shape:
+        raise _damaged(path, f"'labels' {labels.shape} and 'confidence' {confidence.shape} differ in shape")
+    return int(labels.shape[1]), int(labels.shape[2])
+
+
+def _detection_offsets(path: Path, h5: h5py.File, n: int, num_classes: int) -> np.ndarray:
+    """``offsets`` [N+1], checked to run from 0 to the box count without going back; box labels 1..C."""
+    offsets = _dataset(path, h5, "offsets", (n + 1,), "integer", required=True)[()].astype(np.int64)
+    boxes = _dataset(path, h5, "boxes", (None, 4), "float", required=True)
+    m = boxes.shape[0]
+    for name, kind in (("labels", "integer"), ("scores", "float"), ("srrs", "float")):
+        _dataset(path, h5, name, (m,), kind, required=True)
+    if offsets[0] != 0 or offsets[-1] != m or (np.diff(offsets) < 0).any():
+        raise _damaged(path, f"'offsets' {_short(offsets.tolist())} must rise from 0 to the {m} boxes")
+    labels = h5["labels"][()]
+    bad = labels[(labels < 1) | (labels > num_classes)]
+    if bad.size:
+        raise _damaged(path, f"holds a box of label {int(bad[0])}, outside 1..{num_classes}")
+    return offsets
+
+
+_DTYPES = {
+    "uint8": lambda d: d == np.uint8,
+    "integer": lambda d: d.kind in "iu",
+    "float": lambda d: d.kind == "f",
+    "number": lambda d: d.kind in "iuf",
+    "text": lambda d: h5py.check_string_dtype(d) is not None,
+}
+
+
+def _dataset(path: Path, h5: h5py.File, name: str, shape: tuple[int | None, ...], dtype: str, *,
+             required: bool) -> h5py.Dataset | None:
+    """Dataset ``name`` checked for ``shape`` (None: any length) and ``dtype`` (a ``_DTYPES`` key)."""
+    dataset = h5.get(name)
+    if dataset is None:
+        if required:
+            raise _damaged(path, f"has no {name!r} dataset")
+        return None
+    if not isinstance(dataset, h5py.Dataset):
+        raise _damaged(path, f"{name!r} is not a dataset")
+    wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if len(dataset.shape) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dataset.shape)):
+        raise _damaged(path, f"dataset {name!r} has shape {list(dataset.shape)}, expected {wanted}")
+    if not _DTYPES[dtype](dataset.dtype):
+        raise _damaged(path, f"dataset {name!r} has dtype {dataset.dtype}, expected {dtype}")
+    return dataset
+
+
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path}: {what}; {_DAMAGED}")
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:200]}" if text else exc.__class__.__name__
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a value from a file, cut to one short line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _list(values: Sequence[str] | None) -> list[str] | None:
+    return None if values is None else [str(v) for v in values]
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
     if isinstance(value, np.ndarray):
         return [_plain(v) for v in value.tolist()]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
     return value
 
 
 def _as_str(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _optional(h5: h5py.File, name: str) -> np.ndarray | None:
-    return h5[name][()] if name in h5 else None
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)

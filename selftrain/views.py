@@ -13,7 +13,7 @@ import numpy as np
 
 from .checkpoint import RunDir
 from .errors import UserError
-from .inspect import open_round_of, open_run
+from .inspect import open_round_of, open_run, run_recipe
 from .overlay import Boxes, Panel, box_captions, overlay, palette_for, resize_labels, save_figure
 from .store import RoundReader
 
@@ -21,10 +21,8 @@ from .store import RoundReader
 def target_dataset(run: RunDir) -> tuple[Any, list[str]]:
     """The run's target training set (labels hidden, ground truth via ``ground_truth(i)``) and class names."""
     from .build import build_target_dataset
-    from .config import load_recipe
 
-    cfg = load_recipe(run.config)
-    return build_target_dataset(cfg)
+    return build_target_dataset(run_recipe(run))
 
 
 def pick_indices(n: int, *, index: int | None, image_id: str | None, grid: int | None,

@@ -105,3 +105,86 @@ def test_cli_missing_label_names_the_image(fixtures):
     result = invoke(str(recipe))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert f"{stem}_leftImg8bit.png" in result.stderr and "with_labels: false" in result.stderr
+
+
+# --------------------------------------------------------------------------- detection recipes
+VOC_RECIPE = """\
+extends: {defaults}
+name: voc_check
+data:
+  num_classes: 6
+  source: {{name: voc, root: {root}, split: trainval}}
+  target: {{name: voc, root: {root}, split: trainval}}
+  target_val: {{name: voc, root: {root}, split: trainval}}
+"""
+
+
+@pytest.fixture
+def voc_recipe(tmp_path):
+    from det_layouts import write_voc
+
+    written = write_voc(tmp_path / "VOCdevkit")
+    recipe = tmp_path / "voc.yaml"
+    recipe.write_text(VOC_RECIPE.format(defaults=REPO / "recipes" / "det_defaults.yaml", root=tmp_path / "VOCdevkit"))
+    return recipe, written
+
+
+def test_detection_recipe_counts_boxes_per_class(voc_recipe):
+    recipe, written = voc_recipe
+    cfg = load_recipe(recipe)
+    names = cfg.data.class_names
+    expected = np.zeros(len(names), np.int64)
+    for objects in written.values():  # cow is a VOC class outside the recipe's six: skipped
+        for obj in objects:
+            if obj.name in names:
+                expected[names.index(obj.name)] += 1
+    report = check_data(cfg)
+    assert [s.unit for s in report.splits] == ["boxes"] * 3
+    for split in report.splits:
+        assert (split.images, split.labelled, split.ignored) == (3, 3, 1)  # one difficult car
+        np.testing.assert_array_equal(split.counts, expected)
+    result = invoke(str(recipe))
+    assert result.exit_code == 0, result.output
+    assert "class (% of labelled boxes)" in result.output and "difficult" in result.output
+    car = next(line for line in result.output.splitlines() if line.startswith("car "))
+    assert float(car.split()[1]) == pytest.approx(100 * expected[names.index("car")] / expected.sum(), abs=0.01)
+
+
+def test_builtin_detection_recipe_passes():
+    from selftrain.catalog import resolve_recipe
+    from selftrain.data import build_split
+
+    cfg = load_recipe(resolve_recipe("det_st"))
+    report = check_data(cfg, limit=20)
+    source = build_split(cfg.data.source, cfg, with_labels=True)
+    labels = np.concatenate([source.ground_truth(i)["labels"].numpy() for i in range(20)])
+    np.testing.assert_array_equal(report.splits[0].counts, np.bincount(labels - 1, minlength=6))
+    assert invoke("det_st", "--limit", "5").exit_code == 0
+
+
+def test_broken_detection_data_is_one_line(voc_recipe):
+    from det_layouts import Obj, voc_xml_text
+
+    recipe, _ = voc_recipe
+    words = "reaches outside the 32x24 image"
+    xml = voc_xml_text("000003.jpg", (48, 64), [Obj("dog", (20, 10, 60, 40))])  # claims 64x48, the image is 32x24
+    (recipe.parent / "VOCdevkit" / "VOC2007" / "Annotations" / "000003.xml").write_text(xml)
+    result = CliRunner().invoke(main, ["data", "check", str(recipe)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: box 0") and words in result.stderr and "000003" in result.stderr
+
+
+def test_check_boxes_refuses_labels_and_coordinates():
+    from selftrain.data.check import check_boxes
+    from selftrain.errors import DataError
+
+    good = {"boxes": np.array([[0, 0, 4, 4], [1, 2, 8, 6]], np.float32), "labels": np.array([1, 3])}
+    np.testing.assert_array_equal(check_boxes(good, (6, 8), 3, "img"), [1, 3])
+    bad = [({"labels": np.array([0, 3])}, "label outside 1..3"), ({"labels": np.array([1, 4])}, "label outside 1..3"),
+           ({"boxes": np.array([[0, 0, np.nan, 4], [1, 2, 8, 6]])}, "not a number"),
+           ({"boxes": np.array([[-1, 0, 4, 4], [1, 2, 8, 6]])}, "outside the 8x6 image"),
+           ({"boxes": np.array([[0, 0, 4, 4], [3, 2, 3, 6]])}, "has no area"),
+           ({"labels": np.array([1])}, "2 boxes but 1 labels")]
+    for change, words in bad:
+        with pytest.raises(DataError, match=words):
+            check_boxes({**good, **change}, (6, 8), 3, "img")

@@ -142,9 +142,12 @@ def test_export_png_and_cityscapes(tiny_run, tmp_path):
     assert code == 2 and "png, cityscapes" in err and not (tmp_path / "c").exists()
 
 
+DET_CONFIG = "name: det\ntask: detection\ndata:\n  num_classes: 3\n  class_names: [car, person, dog]\n"
+
+
 def write_detection_round(path: Path, r: int, boxes_per_image: list[list[tuple]]) -> None:
     with PseudoLabelWriter(path, task="detection", round=r, policy="wst", portion=1.0, num_classes=3,
-                           class_names=["car", "person", "dog"]) as w:
+                           class_names=["car", "person", "dog"], recipe=DET_CONFIG) as w:
         for k, items in enumerate(boxes_per_image):
             boxes = np.array([b[:4] for b in items], dtype=np.float32).reshape(-1, 4)
             labels = np.array([b[4] for b in items], dtype=np.int64)
@@ -156,7 +159,7 @@ def write_detection_round(path: Path, r: int, boxes_per_image: list[list[tuple]]
 def test_detection_summary_and_diff(tmp_path):
     run = tmp_path / "det"
     (run / "pseudo").mkdir(parents=True)
-    (run / "config.yaml").write_text("name: det\n")
+    (run / "config.yaml").write_text(DET_CONFIG)
     write_detection_round(run / "pseudo" / "round_001.h5", 1, [[(0, 0, 10, 10, 1), (20, 20, 40, 40, 2)], []])
     write_detection_round(run / "pseudo" / "round_002.h5", 2,
                           [[(1, 0, 10, 10, 1), (20, 20, 40, 40, 3)], [(5, 5, 9, 9, 2), (50, 50, 60, 60, 2)]])

@@ -236,3 +236,37 @@ def test_plot_writes_a_png(tmp_path):
     plot_prior(prior, NAMES, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["prior.png"]
+
+
+def test_save_with_a_damaged_manifest_writes_nothing(tmp_path):
+    (tmp_path / "MANIFEST.yaml").write_text("a: [unclosed\n")
+    with pytest.raises(DataError, match="not valid YAML"):
+        save_prior(tmp_path / "p.npz", np.full((2, 3, 4), 1 / 12, np.float32), class_names=["a", "b"], source="s",
+                   command="c", ksize=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MANIFEST.yaml"]
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "empty"), (b"\x93NUMPY\x01\x00", ".npy array"), (b"\x89HDF\r\n\x1a\n", "HDF5 file"),
+    (b"PK\x03\x04broken", "unreadable"), (b"plain text", "not an .npz archive"),
+])
+def test_foreign_files_are_one_line_data_errors(tmp_path, content, words):
+    (tmp_path / "p.npz").write_bytes(content)
+    with pytest.raises(DataError, match=words) as info:
+        load_prior(tmp_path / "p.npz")
+    assert "\n" not in str(info.value) and "priors build" in str(info.value)
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.full((2, 3, 4), np.inf), "NaN or infinite"), (np.full((2, 3, 4), -0.1), "negative"),
+    (np.zeros((2, 3, 4)), "all-zero map for class 0"), (np.ones((2, 0, 4)), "expected"),
+    (np.ones((2, 3, 4), bool), "real numbers"),
+])
+def test_values_that_cannot_be_a_prior_are_refused(tmp_path, array, words):
+    with open(tmp_path / "p.npz", "wb") as fh:
+        np.savez(fh, prior=array)
+    with pytest.raises(DataError, match=words):
+        load_prior(tmp_path / "p.npz")
+    with pytest.raises(DataError, match="2 classes but the model has 3"):
+        np.savez(tmp_path / "q.npz", prior=np.ones((2, 3, 4)))
+        load_prior(tmp_path / "q.npz", num_classes=3)
