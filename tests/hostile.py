@@ -398,8 +398,8 @@ for _item, _contains in SETS:
 for _item, _contains in [("a", ("a",)), ("bogus=1", ("bogus",)), ("rounds.optim.lr=-1", ("rounds.optim.lr",)),
                          ("data.ignore_index=-5", ("data.ignore_index",))]:
     add(f"set-data-check-{_item}", "set", ("data", "check", "{recipe}", "--set", _item), base_recipe, _contains)
-    add(f"set-evaluate-{_item}", "set", ("evaluate", "{recipe}", "--checkpoint", "{tmp}/none.pt", "--set", _item),
-        base_recipe, _contains)
+    add(f"set-evaluate-{_item}", "set", ("evaluate", "{recipe}", "--checkpoint", "{ckpt}", "--set", _item),
+        lambda env: {**base_recipe(env), "ckpt": str(env.run / "checkpoints" / "round_000.pt")}, _contains)
 add("set-demo-bogus", "set", ("demo", "--out", "{tmp}/demo", "--set", "bogus=1"), nothing, ("bogus",),
     may_write=("demo",))
 # Where the demo accepts the value it trains five runs: these settings keep that to seconds.
@@ -967,7 +967,7 @@ CLI: list[tuple[str, tuple[str, ...], Setup, tuple[str, ...], tuple[str, ...]]] 
     ("demo-task-unknown", ("demo", "--out", "{tmp}/demo", "--task", "classification"), nothing, ("task",), ()),
     ("synth-out-file", ("data", "synth", "--out", "{file}", *SMALL), _file, ("file",), ()),
     ("synth-out-under-file", ("data", "synth", "--out", "{file}/x", *SMALL), _file, ("file",), ()),
-    ("synth-num-source-negative", ("data", "synth", "--out", "{tmp}/s", "--num-source", "-1", *SMALL), nothing,
+    ("synth-num-source-negative", ("data", "synth", "--out", "{tmp}/s", *SMALL, "--num-source", "-1"), nothing,
      ("source",), ()),
     ("synth-num-target-val-negative", ("data", "synth", "--out", "{tmp}/s", *SMALL, "--num-target-val", "-4"), nothing,
      ("target",), ()),
