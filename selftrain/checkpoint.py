@@ -8,7 +8,8 @@
   streams and their generator, every RNG); only the newest is kept, and it is removed once the
   round's checkpoint exists.
 
-A round is complete when its checkpoint exists. Its metrics line is written just before the
+A round is complete when its checkpoint exists (or, where every round file was deleted to save
+space, when last.pt holds it). Its metrics line is written just before the
 checkpoint, so ``--resume`` drops the lines of rounds after the newest checkpoint and restores
 from the checkpoints the record of a checkpointed round whose line is missing: metrics.jsonl
 holds each complete round once, whatever moment a run was killed at. One process at a time uses
@@ -143,8 +144,8 @@ class RunDir:
             if self.config.read_text() != recipe_yaml:
                 raise UserError(f"run directory {self.root} was made with another recipe; resume with the same "
                                 "recipe and --set values, or choose another --out")
-        elif self.config.exists():
-            log.info("run directory %s holds no finished round or step yet: starting it afresh", self.root)
+        elif self.config.exists() and self.config.read_text() != recipe_yaml:
+            log.info("run directory %s holds no checkpoint yet: it starts afresh with this recipe", self.root)
         last = self._resume_point() if resume else None
         with writing(self.root):
             self._remove_scratch()
@@ -166,8 +167,10 @@ class RunDir:
             return load_checkpoint(path)
         except UserError:
             also = " and last.pt" if path != self.last and _same_file(path, self.last) else ""
+            before = max((r for r in self.completed_rounds() if r < round_index), default=None)
+            then = "the start" if before is None else f"round {before}"
             raise UserError(f"checkpoint {path} is damaged and cannot be read; delete it{also} and rerun with "
-                            f"--resume to continue from {self._before(round_index)}") from None
+                            f"--resume to continue from {then}") from None
 
     def step_state(self, recipe_yaml: str, round_index: int) -> dict[str, Any] | None:
         """The step checkpoint of round ``round_index`` made with this recipe, or None (absent, stale
@@ -205,31 +208,20 @@ class RunDir:
                     or (folder.is_dir() and any(folder.glob("round_*.h5"))))
 
     def _resume_point(self) -> int | None:
-        """The newest complete round: the newest round file, or last.pt's round where that is newer
-        (the round files were deleted to save space); last.pt is pointed at a newer round file."""
+        """The newest complete round: the newest round file, with last.pt pointed at it (a kill can
+        come between the two); last.pt's round where no round file is left (deleted to save space)."""
         rounds = self.completed_rounds()
-        newest = rounds[-1] if rounds else None
-        in_last = self._round_in_last(newest)
-        if in_last is not None and (newest is None or in_last > newest):
-            return in_last
-        if newest is not None and in_last != newest:  # killed between the round file and last.pt
-            link_atomic(self.checkpoint(newest), self.last)
-        return newest
-
-    def _round_in_last(self, newest: int | None) -> int | None:
+        if rounds:
+            if not _same_file(self.last, self.checkpoint(rounds[-1])):
+                link_atomic(self.checkpoint(rounds[-1]), self.last)
+            return rounds[-1]
         if not self.last.is_file():
             return None
-        if newest is not None and _same_file(self.last, self.checkpoint(newest)):
-            return newest
         try:
             return int(load_checkpoint(self.last)["round"])
         except (UserError, KeyError, TypeError, ValueError):
             raise UserError(f"checkpoint {self.last} is damaged and cannot be read; delete it and rerun with "
-                            f"--resume to continue from {self._before(None if newest is None else newest + 1)}") from None
-
-    def _before(self, round_index: int | None) -> str:
-        earlier = [r for r in self.completed_rounds() if round_index is None or r < round_index]
-        return f"round {earlier[-1]}" if earlier else "the start"
+                            "--resume to start again from round 0") from None
 
     def _restore_metrics(self, last: int | None) -> None:
         """metrics.jsonl := one record per complete round, in round order: the lines of later rounds

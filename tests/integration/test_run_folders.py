@@ -179,11 +179,8 @@ def test_a_damaged_last_checkpoint_names_the_fix_that_works(tiny_recipe, tmp_pat
         with open(part / "checkpoints" / name, "r+b") as fh:
             fh.truncate(1000)
     message = one_line_error(*run_cli("run", tiny_recipe, "--out", part, "--resume", *ONE_ROUND))
-    assert f"checkpoint {part / 'checkpoints' / 'last.pt'} is damaged" in message and "delete it" in message
-    (part / "checkpoints" / "last.pt").unlink()
-    message = one_line_error(*run_cli("run", tiny_recipe, "--out", part, "--resume", *ONE_ROUND))
-    assert message.endswith(f"checkpoint {part / 'checkpoints' / 'round_001.pt'} is damaged and cannot be read; "
-                            "delete it and last.pt and rerun with --resume to continue from round 0")
+    assert message == (f"error: checkpoint {part / 'checkpoints' / 'round_001.pt'} is damaged and cannot be read; "
+                       "delete it and last.pt and rerun with --resume to continue from round 0")
     for name in ("round_001.pt", "last.pt"):  # last.pt was pointed at the newest round file
         (part / "checkpoints" / name).unlink()
     code, text = run_cli("run", tiny_recipe, "--out", part, "--resume", "--quiet", *ONE_ROUND)

@@ -110,6 +110,18 @@ def test_a_damaged_last_checkpoint_names_what_to_delete(tmp_path):
                               "and rerun with --resume to continue from round 0")
 
 
+def test_a_damaged_last_pt_alone_names_what_to_delete(tmp_path):
+    run = fake_run(tmp_path / "run", [0], lines(rec(0)))
+    run.checkpoint(0).unlink()
+    run.last.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(UserError) as exc:
+        with run.open(RECIPE, resume=True):
+            pass
+    assert str(exc.value) == (f"checkpoint {run.last} is damaged and cannot be read; delete it and rerun with "
+                              "--resume to start again from round 0")
+    assert run.metrics.read_text() == lines(rec(0))
+
+
 def test_a_fresh_start_clears_the_lines_of_a_run_that_checkpointed_nothing(tmp_path):
     run = fake_run(tmp_path / "run", [], lines(rec(0)))
     with run.open(RECIPE.replace("width: 8", "width: 16"), resume=False) as last:
