@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any, Sequence
 
-from .checkpoint import RunDir
+from .checkpoint import RunDir, writing
 from .io import append_line, write_text_atomic
 from .metrics import headline
 
@@ -24,13 +24,20 @@ class CallbackBase:
 
 
 class MetricsWriter(CallbackBase):
-    """Appends one JSON line per round to metrics.jsonl and writes eval/round_*.json."""
+    """Appends one JSON line per round to metrics.jsonl and writes eval/round_*.json.
+
+    The line comes before the round's checkpoint: a line without one is dropped on ``--resume``
+    (:meth:`selftrain.checkpoint.RunDir.prepare`), and the checkpoint carries the record too.
+    """
 
     def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
         if "eval" in record:
             evaluation = {"round": record["round"], "class_names": list(class_names), **record["eval"]}
-            write_text_atomic(run_dir.eval(record["round"]), json.dumps(evaluation, indent=2) + "\n")
-        append_line(run_dir.metrics, json.dumps(record))
+            path = run_dir.eval(record["round"])
+            with writing(path):
+                write_text_atomic(path, json.dumps(evaluation, indent=2) + "\n")
+        with writing(run_dir.metrics):
+            append_line(run_dir.metrics, json.dumps(record))
 
 
 class PlotWriter(CallbackBase):
@@ -41,7 +48,8 @@ class PlotWriter(CallbackBase):
         from .plots import plot_run
 
         records = [r for _, r in sorted(read_metrics(run_dir).items())]
-        plot_run(records, class_names, run_dir.root / "plots")
+        with writing(run_dir.root / "plots"):
+            plot_run(records, class_names, run_dir.root / "plots")
 
 
 class TensorBoardWriter(CallbackBase):
@@ -58,13 +66,14 @@ class TensorBoardWriter(CallbackBase):
         return importlib.util.find_spec("tensorboard") is not None
 
     def on_round_end(self, *, record: dict[str, Any], run_dir: RunDir, class_names: Sequence[str]) -> None:
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+        with writing(run_dir.root):
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir.root))
-        for tag, value in scalars(record, class_names).items():
-            self._writer.add_scalar(tag, value, global_step=record["round"])
-        self._writer.flush()
+                self._writer = SummaryWriter(log_dir=str(run_dir.root))
+            for tag, value in scalars(record, class_names).items():
+                self._writer.add_scalar(tag, value, global_step=record["round"])
+            self._writer.flush()
 
     def on_run_end(self, *, records: list[dict[str, Any]]) -> None:
         if self._writer is not None:

@@ -2,15 +2,25 @@
 
 - round checkpoints ``checkpoints/round_NNN.pt`` (and ``last.pt``): the model, the policy, the
   teacher, the loss terms with their discriminators' optimisers, the RNG state, the resolved recipe
-  and the round's evaluation; each round builds its own optimiser, so none is kept;
+  and the round's metrics record; each round builds its own optimiser, so none is kept;
 - the step checkpoint ``checkpoints/step.pt``: everything the round being trained needs to continue
   at the next step (model, optimiser, schedule, GradScaler, hooks, loss terms, teacher, policy, data
   streams and their generator, every RNG); only the newest is kept, and it is removed once the
   round's checkpoint exists.
+
+A round is complete when its checkpoint exists (or, where every round file was deleted to save
+space, when last.pt holds it). Its metrics line is written just before the
+checkpoint, so ``--resume`` drops the lines of rounds after the newest checkpoint and restores
+from the checkpoints the record of a checkpointed round whose line is missing: metrics.jsonl
+holds each complete round once, whatever moment a run was killed at. One process at a time uses
+a run folder (an exclusive lock on ``<run>/.lock``, dropped by the kernel however the process ends).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -19,10 +29,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
+import yaml
 
 from . import __version__
 from .errors import UserError
@@ -31,6 +42,46 @@ from .training import HookBase
 
 log = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"round_(\d{3})\.pt$")
+_LOCK = ".lock"
+# errno values that say a write failed for want of room or rights (not that an input is bad)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+class WriteError(UserError):
+    """A file of the run folder cannot be written (disk full, read-only folder); ``path`` names it.
+
+    Every write is atomic, so nothing is lost: free space or make the folder writable, then resume.
+    """
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        self.path = Path(path)
+        self.errno = exc.errno
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(f"cannot write {self.path}: {reason}; free disk space or make the folder writable, "
+                         "then continue with --resume")
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, among_reads: bool = False) -> Iterator[None]:
+    """Raise a :class:`WriteError` naming ``path`` for an ``OSError`` of the writes in the block.
+
+    ``torch.save`` reports a failed write as a ``RuntimeError`` whose context is the ``OSError``.
+    With ``among_reads`` the block also reads inputs: only an error that says a write lacked room or
+    rights, on no named file or one beside ``path``, is converted; a bad input keeps its own error.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        error = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(error, OSError):
+            raise
+        if among_reads and (error.errno not in _WRITE_ERRNOS or not _beside(error.filename, path)):
+            raise
+        raise WriteError(path, error) from None
+
+
+def _beside(filename: Any, path: Path) -> bool:
+    return filename is None or Path(os.fsdecode(filename)).resolve().parent == Path(path).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -70,25 +121,56 @@ class RunDir:
             return []
         return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _ROUND_FILE.search(p.name)))
 
-    def prepare(self, recipe_yaml: str, resume: bool) -> int | None:
-        """Create or reopen the directory; returns the last complete round when resuming.
+    @contextlib.contextmanager
+    def open(self, recipe_yaml: str, resume: bool) -> Iterator[int | None]:
+        """Hold the folder for a run: refuse a folder that is not a run, lock it, prepare it; yields
+        the last complete round when resuming (None: start at round 0). The lock goes with the block."""
+        self._refuse_foreign()
+        with run_lock(self.root):
+            yield self.prepare(recipe_yaml, resume)
 
-        A directory that already holds a run is never overwritten: without ``resume`` it is an
-        error, and with it the saved recipe must equal the current one.
+    def prepare(self, recipe_yaml: str, resume: bool) -> int | None:
+        """Make the locked directory ready; returns the last complete round when resuming.
+
+        A directory that holds a run's progress (a round or step checkpoint, pseudo-labels) is never
+        overwritten: without ``resume`` it is an error, and with it the saved recipe must equal the
+        current one. One that holds none (the run failed before its first checkpoint) takes the new
+        recipe, so a corrected rerun needs nothing deleted.
         """
-        done = self.completed_rounds()
-        if self.config.exists() and not resume:
-            raise UserError(f"run directory {self.root} already holds a run; pass --resume to continue it "
-                            "or choose another --out")
-        if resume and self.config.exists() and self.config.read_text() != recipe_yaml:
-            raise UserError(f"run directory {self.root} was made with another recipe; resume with the same "
-                            "recipe and --set values, or choose another --out")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_scratch()
-        write_text_atomic(self.config, recipe_yaml)
-        last = done[-1] if done else None
-        truncate_metrics(self.metrics, -1 if last is None else last)
+        if self.config.exists() and self._holds_progress():
+            if not resume:
+                raise UserError(f"run directory {self.root} already holds a run; pass --resume to continue it "
+                                "or choose another --out")
+            if self.config.read_text() != recipe_yaml:
+                raise UserError(f"run directory {self.root} was made with another recipe; resume with the same "
+                                "recipe and --set values, or choose another --out")
+        elif self.config.exists() and self.config.read_text() != recipe_yaml:
+            log.info("run directory %s holds no checkpoint yet: it starts afresh with this recipe", self.root)
+        last = self._resume_point() if resume else None
+        with writing(self.root):
+            self._remove_scratch()
+        with writing(self.config):
+            write_text_atomic(self.config, recipe_yaml)
+        self._restore_metrics(last)
         return last
+
+    def round_file(self, round_index: int) -> Path:
+        """Complete round ``round_index``'s checkpoint: its round file, else last.pt (which holds it)."""
+        path = self.checkpoint(round_index)
+        return path if path.is_file() else self.last
+
+    def round_state(self, round_index: int) -> dict[str, Any]:
+        """The state of :meth:`round_file`; a damaged one is named with what to delete to resume
+        from the round before."""
+        path = self.round_file(round_index)
+        try:
+            return load_checkpoint(path)
+        except UserError:
+            also = " and last.pt" if path != self.last and _same_file(path, self.last) else ""
+            before = max((r for r in self.completed_rounds() if r < round_index), default=None)
+            then = "the start" if before is None else f"round {before}"
+            raise UserError(f"checkpoint {path} is damaged and cannot be read; delete it{also} and rerun with "
+                            f"--resume to continue from {then}") from None
 
     def step_state(self, recipe_yaml: str, round_index: int) -> dict[str, Any] | None:
         """The step checkpoint of round ``round_index`` made with this recipe, or None (absent, stale
@@ -102,9 +184,63 @@ class RunDir:
             return None
         if state.get("kind") == "step" and state.get("round") == round_index and state.get("recipe") == recipe_yaml:
             return state
-        self.step.unlink()
+        with writing(self.step):
+            self.step.unlink()
         return None
 
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's round records (see :func:`read_records`)."""
+        return read_records(self.metrics)
+
+    # -- what the folder holds ---------------------------------------------------------------------
+
+    def _refuse_foreign(self) -> None:
+        """Before anything is written: ``--out`` must be new, empty, or a run folder."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out {self.root} is a file; choose a folder for the run")
+        if self.root.is_dir() and not self.config.exists() and any(p.name != _LOCK for p in self.root.iterdir()):
+            raise UserError(f"--out {self.root} is a folder that holds no selftrain run (no config.yaml); choose a "
+                            "new or empty folder")
+
+    def _holds_progress(self) -> bool:
+        folder = self.root / "pseudo"
+        return bool(self.completed_rounds() or self.last.exists() or self.step.exists()
+                    or (folder.is_dir() and any(folder.glob("round_*.h5"))))
+
+    def _resume_point(self) -> int | None:
+        """The newest complete round: the newest round file, with last.pt pointed at it (a kill can
+        come between the two); last.pt's round where no round file is left (deleted to save space)."""
+        rounds = self.completed_rounds()
+        if rounds:
+            if not _same_file(self.last, self.checkpoint(rounds[-1])):
+                link_atomic(self.checkpoint(rounds[-1]), self.last)
+            return rounds[-1]
+        if not self.last.is_file():
+            return None
+        try:
+            return int(load_checkpoint(self.last)["round"])
+        except (UserError, KeyError, TypeError, ValueError):
+            raise UserError(f"checkpoint {self.last} is damaged and cannot be read; delete it and rerun with "
+                            "--resume to start again from round 0") from None
+
+    def _restore_metrics(self, last: int | None) -> None:
+        """metrics.jsonl := one record per complete round, in round order: the lines of later rounds
+        (left by an interrupted round) go, a checkpointed round's missing line comes back from its
+        checkpoint. Rewritten only when that changes the file."""
+        kept: dict[int, str] = {}
+        for record in self.records():
+            if last is not None and record["round"] <= last:
+                kept[record["round"]] = json.dumps(record)
+        if last is not None:
+            for r in sorted({*(r for r in self.completed_rounds() if r <= last), last} - kept.keys()):
+                if (record := load_checkpoint(self.round_file(r)).get("record")) is not None:
+                    kept[r] = json.dumps(record)
+        text = "".join(kept[r] + "\n" for r in sorted(kept))
+        current = self.metrics.read_bytes() if self.metrics.is_file() else None
+        if current is not None or text:
+            if current != text.encode():
+                with writing(self.metrics):
+                    write_text_atomic(self.metrics, text)
 
     def _remove_scratch(self) -> None:
         """Delete temporary files a killed process left behind (never a finished file)."""
@@ -112,18 +248,76 @@ class RunDir:
             if folder.is_dir():
                 for path in folder.glob("*.tmp"):
                     path.unlink()
-                for path in folder.glob(".*.tmp"):
+        for folder in (self.root, self.root / "eval", self.root / "plots"):
+            if folder.is_dir():
+                for path in folder.glob(".*.tmp"):  # atomic_path's temporary names
                     path.unlink()
 
 
-def truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop metrics lines of rounds after ``last_round`` (left by an interrupted round)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("round", -1) <= last_round]
-    if len(kept) != len(lines):
-        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<root>/.lock`` for the block, the holder's PID written in it.
+
+    Another process holding it is a one-line error naming it; the kernel releases the lock when the
+    holder ends, however it ends, so a killed run never leaves its folder locked.
+    """
+    path = root / _LOCK
+    with writing(path):
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"run directory {root} is in use by process {holder}; wait until that run ends "
+                            "(or stop it), or choose another --out") from None
+        except OSError as exc:  # a file system without locks
+            log.warning("cannot lock %s (%s); do not start a second run on this folder", path, os.strerror(exc.errno))
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The round records of a metrics.jsonl, in file order ([] when it is absent).
+
+    A last line cut short (a kill or a full disk while it was written: its round has no checkpoint
+    yet and is redone) is dropped with a warning; a damaged line before it is a one-line error.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(numbered):
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif i == len(numbered) - 1:
+            log.warning("%s line %d is cut short (an interrupted write); it is dropped", path, n)
+        else:
+            raise UserError(f"{path} line {n} is damaged (not a round record); delete that line and continue with "
+                            "--resume (a checkpointed round's record comes back from its checkpoint)")
+    return records
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("round"), int) else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -143,18 +337,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, *, round_index: int, model: dict, recipe_yaml: str, policy: dict | None = None,
-                    metrics: dict | None = None, teacher: dict | None = None, loss_terms: dict | None = None) -> None:
-    """Write a round checkpoint atomically; it carries the resolved recipe so it describes itself."""
+                    record: dict | None = None, teacher: dict | None = None, loss_terms: dict | None = None) -> None:
+    """Write a round checkpoint atomically; it carries the resolved recipe so it describes itself, and
+    the round's metrics record so metrics.jsonl can be made whole from the checkpoints."""
     save_state(path, {
         "round": round_index, "model": model, "policy": policy, "rng": rng_state(), "recipe": recipe_yaml,
-        "metrics": metrics, "selftrain_version": __version__, "teacher": teacher, "loss_terms": loss_terms,
+        "metrics": (record or {}).get("eval"), "record": record, "selftrain_version": __version__,
+        "teacher": teacher, "loss_terms": loss_terms,
     })
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary name, renamed onto ``path`` when complete."""
-    with atomic_path(path, suffix=".pt.tmp") as tmp:
-        torch.save(state, tmp)
+    """``torch.save`` to a temporary name, renamed onto ``path`` when complete; a failed write is a
+    :class:`WriteError` (through a file object, torch keeps the ``OSError`` and its errno)."""
+    with writing(path), atomic_path(path, suffix=".pt.tmp") as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
 
 
 class StepCheckpoint(HookBase):
@@ -173,23 +371,90 @@ class StepCheckpoint(HookBase):
 def link_atomic(source: Path, link: Path) -> None:
     """Point ``link`` at ``source``'s content (a hard link, a copy where links fail), atomically."""
     tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, link)
+    with writing(link):
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, link)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state, its tensors mapped from the file rather than read (they are read when
+    used, so checking a checkpoint before loading it costs little); a damaged file is a UserError."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"checkpoint {file} does not exist; name a round_*.pt or last.pt of a finished run")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = _torch_load(file)
     except Exception as exc:  # a truncated or foreign file
         raise UserError(f"checkpoint {file} cannot be read ({exc.__class__.__name__}); it is not a selftrain "
                         "checkpoint or is damaged") from None
     if not isinstance(state, dict) or ("model" not in state and state.get("kind") != "step"):
         raise UserError(f"checkpoint {file} is not a selftrain checkpoint (no model state)")
     return state
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # mmap needs torch's zip format; an older file loads the plain way (or fails again)
+        return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def load_model(adapter: Any, state: dict[str, Any], file: str | Path, *, recipe_yaml: str) -> None:
+    """Load ``state``'s model into ``adapter`` once :func:`check_model` finds it fits."""
+    check_model(state, file, recipe_yaml=recipe_yaml, expected=adapter.state_dict())
+    adapter.load_state_dict(state["model"])
+
+
+def load_weights(adapter: Any, path: str | Path, *, recipe_yaml: str) -> None:
+    """Load the model of checkpoint ``path`` into ``adapter`` (``model.checkpoint``, ``evaluate``)."""
+    load_model(adapter, load_checkpoint(path), path, recipe_yaml=recipe_yaml)
+
+
+def check_model(state: dict[str, Any], file: str | Path, *, recipe_yaml: str,
+                expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, before any tensor is loaded, a checkpoint whose model is not the one ``recipe_yaml``
+    builds: first by the recipe stored in it (task, model, classes), then by parameter names and
+    shapes (``expected``: the model's state dict), which also covers a file without a recipe."""
+    mine = _model_identity(recipe_yaml)
+    theirs = _model_identity(state["recipe"]) if isinstance(state.get("recipe"), str) else None
+    fix = "use the recipe it was made with (stored in it, and as config.yaml in its run folder) or a checkpoint of this model"
+    if theirs is not None and {k: theirs[k] for k in ("task", "model", "num_classes")} != \
+            {k: mine[k] for k in ("task", "model", "num_classes")}:
+        raise UserError(f"checkpoint {file} holds {_describe(theirs)} but this recipe builds {_describe(mine)}; {fix}")
+    mismatch = _first_mismatch(state.get("model"), expected)
+    if mismatch is not None:
+        options = "" if theirs is None or theirs["options"] == mine["options"] else \
+            f" (made with model.options {theirs['options']}, this recipe has {mine['options']})"
+        raise UserError(f"checkpoint {file} does not fit {_describe(mine)}: {mismatch}{options}; {fix}")
+
+
+def _model_identity(recipe_yaml: str) -> dict[str, Any]:
+    try:
+        recipe = yaml.safe_load(recipe_yaml)
+        return {"task": recipe.get("task"), "model": recipe["model"]["name"],
+                "options": recipe["model"].get("options") or {}, "num_classes": recipe["data"]["num_classes"]}
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return {"task": None, "model": "an unknown model", "options": {}, "num_classes": None}
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return f"{identity['model']} ({identity['task']}, {identity['num_classes']} classes)"
+
+
+def _first_mismatch(stored: Any, expected: Mapping[str, torch.Tensor]) -> str | None:
+    """The first parameter or buffer that is missing, extra or of another shape, in words."""
+    if not isinstance(stored, Mapping):
+        return "it holds no model state dict"
+    for name, tensor in expected.items():
+        if name not in stored:
+            return f"it has no {name}"
+        value = stored[name]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        if shape != tuple(tensor.shape):
+            return f"{name} is {list(shape) if shape is not None else type(value).__name__} there, {list(tensor.shape)} here"
+    extra = next((name for name in stored if name not in expected), None)
+    return None if extra is None else f"it has {extra}, which this model lacks"

@@ -78,8 +78,8 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     from .build import build_adapter, build_data, resolve_device
     from .callbacks import format_eval
     from .catalog import resolve_recipe
-    from .checkpoint import load_checkpoint
-    from .config import load_recipe
+    from .checkpoint import load_weights
+    from .config import load_recipe, to_yaml
     from .tasks import build_task
     from .training import Precision
 
@@ -88,7 +88,7 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
     if data.target_val is None:
         raise UserError("the recipe has no data.target_val; add a labelled target val set to evaluate")
     adapter = build_adapter(cfg)
-    adapter.load_state_dict(load_checkpoint(checkpoint)["model"])
+    load_weights(adapter, checkpoint, recipe_yaml=to_yaml(cfg))  # refused before any tensor is loaded if it does not fit
     device = resolve_device(cfg.device)
     task = build_task(cfg.task, data, use_07=cfg.eval.use_07)
     with Precision(cfg.precision, device).autocast():

@@ -14,15 +14,14 @@ being trained at the step after it, with every generator and data stream where i
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from .checkpoint import (RunDir, StepCheckpoint, link_atomic, load_checkpoint, rng_state, save_checkpoint,
-                         save_state, set_rng_state)
+from .checkpoint import (RunDir, StepCheckpoint, link_atomic, load_model, load_weights, rng_state, save_checkpoint,
+                         save_state, set_rng_state, writing)
 from .data.transforms import PseudoLabeled
 from .losses import DiscriminatorUpdate, LossTerms
 from .phases import (Phase, Plan, RoundSpec, RunData, mined_classes, open_streams, round_phase, source_phase,
@@ -62,9 +61,12 @@ class Engine:
         """Run (or continue) every round; returns one metrics record per round."""
         self.adapter.to(self.device)
         self.terms.prepare(self.device)
-        last = self.run_dir.prepare(self.recipe_yaml, resume)
+        with self.run_dir.open(self.recipe_yaml, resume) as last:  # the folder stays locked until the end
+            return self._run(last, resume)
+
+    def _run(self, last: int | None, resume: bool) -> list[dict[str, Any]]:
         if last is not None:
-            self._restore(load_checkpoint(self.run_dir.checkpoint(last)))
+            self._restore(self.run_dir.round_state(last), self.run_dir.round_file(last))
             log.info("resuming %s after round %d", self.run_dir.root, last)
         first = 0 if last is None else last + 1
         state = self.run_dir.step_state(self.recipe_yaml, first) if resume else None
@@ -81,8 +83,7 @@ class Engine:
         return records
 
     def records(self) -> list[dict[str, Any]]:
-        path = self.run_dir.metrics
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+        return self.run_dir.records()
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class Engine:
         source = self.plan.source_phase
         losses: dict[str, float] = {}
         if self.plan.init_checkpoint:
-            self.adapter.load_state_dict(load_checkpoint(self.plan.init_checkpoint)["model"])
+            load_weights(self.adapter, self.plan.init_checkpoint, recipe_yaml=self.recipe_yaml)
         elif source is not None and source.steps > 0:
             phase = source_phase(source, task=self.task, data=self.data, needs=self.terms.needs("source"),
                                  seed=self._seed(0))
@@ -110,6 +111,7 @@ class Engine:
                 labeling = self._label(spec).to_dict()
             state = None
             save_state(self.run_dir.step, self._state(spec.index, 0, labeling=labeling))
+            _warn_if_empty(spec, labeling)
         with open_round(self.run_dir.pseudo(spec.index)) as reader:
             mined = self.task.augment(PseudoLabeled(self.data.target, reader),
                                       mined_classes(self.plan.mining, labeling["predicted_pixels"]))
@@ -168,12 +170,12 @@ class Engine:
                 **self._carried(), "rng": rng_state()}
 
     def _load_step(self, state: dict[str, Any], runner: StepRunner, streams: dict, gen) -> int:
-        self.adapter.load_state_dict(state["model"])
+        load_model(self.adapter, state, self.run_dir.step, recipe_yaml=self.recipe_yaml)
         runner.load_state_dict(state["runner"])
         for name, stream in streams.items():
             stream.load_state_dict(state["streams"][name])  # may open a loader: before the RNG is restored
         gen.set_state(state["generator"])
-        self._restore(state)
+        self._restore(state, self.run_dir.step)
         return int(state["step"])
 
     # -- labels ----------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ class Engine:
         )
 
     def _label(self, spec: RoundSpec):
-        with self._writer(spec, spec.portion, spec.index - 1) as writer:
+        with writing(self.run_dir.pseudo(spec.index), among_reads=True), \
+                self._writer(spec, spec.portion, spec.index - 1) as writer:
             return label_target(
                 adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
                 writer=writer, scratch=writer.path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
@@ -196,7 +199,7 @@ class Engine:
 
     def _store_online(self, spec: RoundSpec, progress_value: float) -> StoredLabels:
         """Write the round's labels for every target image; their counts (and precision) per class."""
-        with self._writer(spec, 1.0, spec.index) as writer:
+        with writing(self.run_dir.pseudo(spec.index), among_reads=True), self._writer(spec, 1.0, spec.index) as writer:
             return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
                                           progress_value=min(progress_value, 1.0))
 
@@ -212,9 +215,10 @@ class Engine:
             cb.on_round_end(record=record, run_dir=self.run_dir, class_names=list(self.data.class_names))
         path = self.run_dir.checkpoint(index)
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
-                        metrics=record.get("eval"), **self._carried())
+                        record=record, **self._carried())
         link_atomic(path, self.run_dir.last)
-        self.run_dir.step.unlink(missing_ok=True)  # the round's checkpoint supersedes it
+        with writing(self.run_dir.step):
+            self.run_dir.step.unlink(missing_ok=True)  # the round's checkpoint supersedes it
 
     def _evaluates(self, index: int) -> bool:
         """Every round, or (eval.every_round: false) the source-only round and the last one."""
@@ -227,10 +231,10 @@ class Engine:
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "loss_terms": self.terms.state_dict() if self.terms else None}
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], file: Any) -> None:
         """Model (round checkpoints), policy, teacher, loss terms, then the RNG state."""
         if state.get("kind") != "step":
-            self.adapter.load_state_dict(state["model"])
+            load_model(self.adapter, state, file, recipe_yaml=self.recipe_yaml)
         if self.policy is not None and state.get("policy"):
             self.policy.load_state_dict(state["policy"])
         if state.get("teacher"):
@@ -245,3 +249,11 @@ class Engine:
         # Each round draws from its own stream so a resumed run repeats the rounds it redoes exactly.
         return self.seed * 1000 + round_index * 17
 
+
+
+def _warn_if_empty(spec: RoundSpec, labeling: dict[str, Any]) -> None:
+    """A round whose pseudo-labels are all ignored fine-tunes on source images alone: say so."""
+    if sum(labeling["selected_pixels"]) == 0:
+        log.warning("round %d: no target pixel passed the thresholds (its pseudo-labels are all ignored), so the "
+                    "round learns nothing from the target set; raise rounds.portion (%g this round) or train round 0 "
+                    "longer", spec.index, spec.portion)

@@ -56,7 +56,9 @@ def recipes(tmp_path_factory) -> dict[str, tuple[Path, list[str], Path]]:
     return out
 
 
-def assert_same_run(full: Path, part: Path) -> None:
+def assert_same_run(full: Path, part: Path, deleted: tuple[str, ...] = ()) -> None:
+    """``part`` ended like ``full``; the round checkpoints named in ``deleted`` were removed before the
+    resume and must not have been made again (the resume started after them)."""
     assert (part / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
     names = sorted(p.name for p in (full / "pseudo").glob("round_*.h5"))
     assert names and names == sorted(p.name for p in (part / "pseudo").glob("round_*.h5"))
@@ -69,7 +71,10 @@ def assert_same_run(full: Path, part: Path) -> None:
             skip = {"created", "checkpoint"}  # the checkpoint attribute names the run folder
             assert {k: str(v) for k, v in a.attrs.items() if k not in skip} == \
                    {k: str(v) for k, v in b.attrs.items() if k not in skip}
-    for ckpt in sorted((full / "checkpoints").glob("round_*.pt")):
+    for ckpt in [*sorted((full / "checkpoints").glob("round_*.pt")), full / "checkpoints" / "last.pt"]:
+        if ckpt.name in deleted:
+            assert not (part / "checkpoints" / ckpt.name).exists(), ckpt.name
+            continue
         a = torch.load(ckpt, weights_only=False)
         b = torch.load(part / "checkpoints" / ckpt.name, weights_only=False)
         for key in ("model", "teacher", "loss_terms", "policy"):
@@ -95,10 +100,14 @@ def assert_equal_state(a, b, where: str) -> None:
 
 # Events counted from the start of each process: round 0 is 6 steps, rounds 1-2 are 4 steps each;
 # torch.save calls: step checkpoints every 2 steps, the step state after an offline round's labels,
-# the round checkpoints.
+# the round checkpoints. metrics: a round's line is written, its checkpoint not yet (1: round 0);
+# link: its checkpoint is written, last.pt not yet (3: the last round, nothing left to run after the
+# resume); linked: last.pt is, the step checkpoint not yet removed.
 CASES = {
-    "seg": [("step", 5), ("label", 2), ("store", 2), ("step", 9), ("step", 14), ("save", 4), ("save", 5), ("save", 8)],
-    "det": [("step", 4), ("step", 9), ("step", 13), ("store", 4), ("save", 3), ("save", 4), ("save", 7)],
+    "seg": [("step", 5), ("label", 2), ("store", 2), ("step", 9), ("step", 14), ("save", 4), ("save", 5), ("save", 8),
+            ("metrics", 1), ("metrics", 2), ("link", 1), ("link", 3), ("linked", 2)],
+    "det": [("step", 4), ("step", 9), ("step", 13), ("store", 4), ("save", 3), ("save", 4), ("save", 7),
+            ("metrics", 1), ("link", 3)],
 }
 
 
@@ -111,6 +120,23 @@ def test_killed_and_resumed_equals_uninterrupted(recipes, tmp_path, name, event,
     resumed = cli(recipe, part, sets, resume=True)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(full, part)
+
+
+@pytest.mark.parametrize("event,n", [("step", 12), ("metrics", 2)])
+def test_resumed_from_last_pt_alone(recipes, tmp_path, event, n):
+    """The round files deleted to save space after a kill: ``--resume`` continues after last.pt's
+    round (step 12: inside round 2, last.pt holds round 1; metrics 2: round 1's line is written but
+    last.pt holds round 0, so that line goes and round 1 is redone)."""
+    recipe, sets, full = recipes["seg"]
+    part = tmp_path / "part"
+    assert cli(recipe, part, sets, kill=(event, n)).returncode == -signal.SIGKILL
+    deleted = tuple(sorted(p.name for p in (part / "checkpoints").glob("round_*.pt")))
+    assert deleted and (part / "checkpoints" / "last.pt").is_file()
+    for name in deleted:
+        (part / "checkpoints" / name).unlink()
+    resumed = cli(recipe, part, sets, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(full, part, deleted=deleted)
 
 
 def test_killed_twice_then_resumed(recipes, tmp_path):
