@@ -289,35 +289,50 @@ def run_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, check: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """The round records of a metrics.jsonl, in file order ([] when it is absent).
 
     A last line cut short (a kill or a full disk while it was written: its round has no checkpoint
     yet and is redone) is dropped with a warning; a damaged line before it is a one-line error.
+    ``check`` may refuse a record that parses (ValueError saying what is wrong): the readers of
+    ``labels summary`` and the plots ask for the fields they use.
     """
     if not path.is_file():
         return []
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc.__class__.__name__}); restore it or rerun "
+                        "with --resume") from None
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     records = []
     for i, (n, line) in enumerate(numbered):
-        record = _record(line)
-        if record is not None:
-            records.append(record)
-        elif i == len(numbered) - 1:
-            log.warning("%s line %d is cut short (an interrupted write); it is dropped", path, n)
-        else:
-            raise UserError(f"{path} line {n} is damaged (not a round record); delete that line and continue with "
-                            "--resume (a checkpointed round's record comes back from its checkpoint)")
+        try:
+            record = _record(line)
+            if check is not None:
+                check(record)
+        except ValueError as exc:
+            if i == len(numbered) - 1:
+                log.warning("%s line %d is cut short (an interrupted write); it is dropped", path, n)
+                break
+            raise UserError(f"{path} line {n} is damaged ({exc}): the file was edited; delete that line and continue "
+                            "with --resume (a checkpointed round's record comes back from its checkpoint)") from None
+        records.append(record)
     return records
 
 
-def _record(line: str) -> dict[str, Any] | None:
+def _record(line: str) -> dict[str, Any]:
+    """One parsed round record; ValueError saying what is wrong otherwise."""
     try:
         record = json.loads(line)
     except ValueError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("round"), int) else None
+        raise ValueError("not JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    number = record.get("round")
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError("no round number")
+    return record
 
 
 def rng_state() -> dict[str, Any]:

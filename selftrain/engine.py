@@ -112,7 +112,9 @@ class Engine:
             state = None
             save_state(self.run_dir.step, self._state(spec.index, 0, labeling=labeling))
             _warn_if_empty(spec, labeling)
-        with open_round(self.run_dir.pseudo(spec.index)) as reader:
+        with open_round(self.run_dir.pseudo(spec.index), expect_task=self.task.name,
+                        expect_num_classes=self.data.num_classes, expect_class_names=list(self.data.class_names),
+                        expect_round=spec.index, expect_recipe=self.recipe_yaml) as reader:
             mined = self.task.augment(PseudoLabeled(self.data.target, reader),
                                       mined_classes(self.plan.mining, labeling["predicted_pixels"]))
             phase = self._round_phase(spec, mined, "supervised", f"round {spec.index}: fine-tune")

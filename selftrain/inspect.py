@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import RunDir
+from .checkpoint import RunDir, read_records
 from .errors import StoreError, UserError
 from .metrics import bincount_skipping, headline
 from .progress import progress
@@ -116,45 +116,20 @@ def read_metrics(run: RunDir) -> dict[int, dict[str, Any]]:
     A last line that does not parse is a record torn by a kill mid-write: it is left out with a
     warning. A damaged line before it is a UserError naming the file and the line.
     """
-    try:
-        lines = run.metrics.read_bytes().split(b"\n") if run.metrics.is_file() else []
-    except OSError as exc:
-        raise UserError(f"cannot read {run.metrics} ({exc.__class__.__name__}); {_RESTORE}") from None
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    records: dict[int, dict[str, Any]] = {}
-    for k, (n, line) in enumerate(numbered):
-        try:
-            record = parse_record(line)
-        except ValueError as exc:
-            if k == len(numbered) - 1:
-                log.warning("%s line %d is incomplete (the run stopped while writing it): left out", run.metrics, n)
-                break
-            raise UserError(f"{run.metrics} line {n} {exc}; the file was edited or damaged: {_RESTORE}") from None
-        records[record["round"]] = record
-    return records
+    return {record["round"]: record for record in read_records(run.metrics, check=check_record)}
 
 
-def parse_record(line: bytes | str) -> dict[str, Any]:
-    """One metrics.jsonl record, checked for the fields the summary and plots read; ValueError
-    saying what is wrong otherwise."""
-    try:
-        record = json.loads(line)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError("is not JSON") from None
-    if not isinstance(record, dict):
-        raise ValueError("is not a JSON object")
-    number = record.get("round")
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise ValueError("has no round number")
+def check_record(record: dict[str, Any]) -> None:
+    """The fields the summary and plots read, checked in a parsed record; ValueError saying what is
+    wrong otherwise."""
     for key in ("eval", "pseudo"):
         if record.get(key) is not None and not isinstance(record[key], dict):
-            raise ValueError(f"has an {key!r} entry that is not an object")
+            raise ValueError(f"an {key!r} entry that is not an object")
     evaluation = record.get("eval") or {}
     if evaluation and not any(_is_number(evaluation.get(k)) for k in ("miou", "map")):
-        raise ValueError("has an 'eval' entry without a numeric miou or map")
+        raise ValueError("an 'eval' entry without a numeric miou or map")
     if any(not isinstance(evaluation.get(k, []), list) for k in ("iou", "ap")):
-        raise ValueError("has an 'eval' entry whose per-class scores are not a list")
-    return record
+        raise ValueError("per-class scores that are not a list")
 
 
 def _is_number(value: Any) -> bool:

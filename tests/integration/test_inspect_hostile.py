@@ -145,8 +145,8 @@ SUMMARY = [  # (case, damage, words in the error)
     ("zero-byte-round", replace_text("pseudo/round_001.h5", ""), "not an HDF5 file"),
     ("truncated-round", truncate("pseudo/round_002.h5"), "corrupt HDF5"),
     ("metrics-damaged-middle-line", metrics_line(1, '{"round": 1, "ev'), "metrics.jsonl line 2"),
-    ("metrics-line-not-an-object", metrics_line(0, "[1, 2]"), "line 1 is not a JSON object"),
-    ("metrics-line-without-round", metrics_line(0, '{"eval": {"miou": 3}}'), "line 1 has no round number"),
+    ("metrics-line-not-an-object", metrics_line(0, "[1, 2]"), "line 1 is damaged (not a JSON object)"),
+    ("metrics-line-without-round", metrics_line(0, '{"eval": {"miou": 3}}'), "line 1 is damaged (no round number)"),
     ("metrics-wrong-threshold-count", metrics_line(1, json.dumps({"round": 1, "pseudo": {"thresholds": [0.5]}})),
      "round 1 is malformed"),
     ("config-not-yaml", replace_text("config.yaml", "name: [unclosed\n"), "config.yaml"),
@@ -169,7 +169,7 @@ def test_labels_summary_reads_the_clean_run_and_a_torn_last_line(run, caplog):
     result = CliRunner().invoke(main, ["labels", "summary", str(run), "--json"])
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.output + result.stderr
-    assert any("line 4 is incomplete" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert any("line 4 is cut short" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert [row["score"] for row in json.loads(result.stdout)["rounds"]] == [10.0, 11.0, 12.0]
 
 
