@@ -22,7 +22,24 @@ import yaml
 
 from .errors import ConfigError
 
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-3``, ``1E6`` and ``+2e5`` as floats (YAML 1.2 does;
+    YAML 1.1, which PyYAML follows, wants a dot), so free-form options such as a policy's
+    ``threshold: 1e-3`` are numbers as the user meant them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """A recipe's YAML (or one ``--set`` value) read with :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
 SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy take seeds in [0, 2**63 - 1]
+INT_MAX = 2**63 - 1  # no count, size or index of a recipe goes past a 64-bit integer
 LABEL_MAX = 255  # pseudo-labels and label maps are uint8; 255 is the usual ignore value
 
 
@@ -41,6 +58,8 @@ class Bound:
     def holds(self, value: float) -> bool:
         """``value`` is finite and inside the range."""
         if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, int) and abs(value) > INT_MAX:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -66,6 +85,8 @@ class Bound:
         wanted = kind if words == "finite" else f"{kind} {'> 0' if words == 'positive' else words}"
         if isinstance(value, float) and not math.isfinite(value):
             words = "a finite number"
+        if isinstance(value, int) and abs(value) > INT_MAX:
+            words = f"{words} and at most 2**63 - 1"
         example = f", e.g. {self.example}" if self.example else ""
         return ConfigError(f"{path} must be {words}, got {_show(value)}; give {wanted}{example}{self.note}")
 
@@ -287,15 +308,25 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} cannot be read as UTF-8 text ({type(exc).__name__}); "
                           "pass a YAML recipe") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date or an integer PyYAML cannot build
         raise ConfigError(f"recipe {path} is not valid YAML: {_first_line(exc)}") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; write the keys that differ from a built-in recipe under "
+                          "'extends: <its path>' (see `selftrain recipes cp`)")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = _read_chain(path.parent / str(parent), seen + (path.resolve(),))
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"recipe {path}: extends must be the path of one recipe, got {_show(parent)}; "
+                          "e.g. extends: defaults.yaml")
+    file = path.parent / parent
+    if not file.is_file():
+        raise ConfigError(f"recipe {path} extends {_show(parent)}, which is not a recipe file ({file}); "
+                          "give a path relative to the recipe's folder")
+    base = _read_chain(file, seen + (path.resolve(),))
     return deep_merge(base, data)
 
 
@@ -318,13 +349,19 @@ def deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_KEY_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.path=value`` -> (key path, value read as YAML; text that is not YAML stays text)."""
     if "=" not in item:
         raise ConfigError(f"override {_show(item)} must look like key.path=value, e.g. rounds.count=2")
     key, text = item.split("=", 1)
+    if not _KEY_PATH.fullmatch(key.strip()):
+        raise ConfigError(f"override {_show(item)} has no key path before '='; write key.path=value with "
+                          "dot-separated keys, e.g. rounds.optim.lr=1e-4")
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load(text)
     except (yaml.YAMLError, ValueError):
         value = text
     return key.strip(), value
@@ -503,8 +540,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 _DEVICE = re.compile(r"cpu|auto|cuda(?::[0-9]+)?")
 # Data set options with one meaning in every data set that takes them (the synthetic benchmarks);
 # zero images is left to the data check, which names the empty split.
-_DATASET_OPTIONS = {"num_images": Bound(low=0, example="400"), "height": Bound(low=1, example="64"),
-                    "width": Bound(low=1, example="128"), "seed": Bound(low=0, high=SEED_MAX, example="0")}
+_DATASET_OPTIONS = {"num_images": Bound(low=0, example="400"), "height": Bound(low=1, high=8192, example="64"),
+                    "width": Bound(low=1, high=8192, example="128"), "seed": Bound(low=0, high=SEED_MAX, example="0")}
 # A loss term's own optimiser (``options.optim``) takes the phases' ranges, and Adam's betas.
 _LOSS_OPTIM = {f.name: f.metadata["bound"] for f in dataclasses.fields(OptimConfig)
                if f.name in ("lr", "momentum", "weight_decay")}
@@ -562,10 +599,14 @@ def _check_data(cfg: RunConfig) -> None:
 def _check_ramp(ramp: Ramp, count: int, key: str, *, low_open: bool) -> None:
     """Every round's value of ``ramp`` in (0, 1] (``low_open``) or [0, 1], naming the first round outside."""
     bound = Bound(low=0, high=1, low_open=low_open)
+    interval, what = ("(0, 1]" if low_open else "[0, 1]"), key.replace("_", " ")
     bad = next((r for r in range(1, count + 1) if not bound.holds(ramp.at(r))), None)
     if bad is None:
+        for end in ("start", "max"):  # a start or cap outside the range is a typo even where min() hides it
+            if count and not bound.holds(getattr(ramp, end)):
+                raise ConfigError(f"rounds.{key}.{end} is {getattr(ramp, end):g}, outside {interval}; give a "
+                                  f"{what} in {interval}, e.g. {0.2 if low_open else 0.03}")
         return
-    interval, what = ("(0, 1]" if low_open else "[0, 1]"), key.replace("_", " ")
     raise ConfigError(f"rounds.{key} gives round {bad} a {what} of {ramp.at(bad):g}, outside {interval}; set "
                       f"rounds.{key}.start, .step and .max so that min(start + step * (round - 1), max) stays in "
                       f"{interval} for rounds 1 to {count}")

@@ -250,7 +250,7 @@ WRONG_TYPES: list[tuple[str, Any]] = [
     ("source_training.lr_schedule", "cosine"), ("source_training.optim.name", "lion"),
     ("source_training.optim.lr", "fast"), ("source_training.optim", 0.1),
     ("policy.scales", 1.0), ("policy.scales", ["a"]), ("policy.flip", "no"), ("policy.options", [1]),
-    ("rounds.count", [1]), ("rounds.steps", True), ("rounds.portion", 0.2), ("rounds.portion.start", "0.2"),
+    ("rounds.count", [1]), ("rounds.steps", True), ("rounds.portion", 0.2), ("rounds.portion.start", "a fifth"),
     ("rounds.lr_decay", "linear"), ("rounds.optim.momentum", [0.9]),
     ("augment.flip", "yes"), ("augment.crop", 32), ("augment.crop", ["a", "b"]),
     ("eval.batch_size", None), ("eval.scales", "1.0"), ("eval.use_07", "yes"),
@@ -539,9 +539,6 @@ DET_DAMAGE: list[tuple[str, Callable[[Path], None], tuple[str, ...], str]] = [
     ("voc-xml-malformed", edit_text(VOC_XML, lambda t: t[: len(t) // 2]), ("000001.xml",), "clipart"),
     ("voc-xml-not-xml", text(VOC_XML, "{json: maybe}"), ("000001.xml",), "clipart"),
     ("voc-xml-zero-bytes", zero_bytes(VOC_XML), ("000001.xml",), "clipart"),
-    ("voc-xml-box-outside-image", voc_xml(VOC_XML, [Obj("person", (40, 30, 90, 80))]), ("000001",), "clipart"),
-    ("voc-xml-box-zero-area", voc_xml(VOC_XML, [Obj("person", (5, 5, 5, 12))]), ("000001",), "clipart"),
-    ("voc-xml-box-inverted", voc_xml(VOC_XML, [Obj("person", (20, 15, 4, 2))]), ("000001",), "clipart"),
     ("voc-xml-box-not-a-number", edit_text(VOC_XML, lambda t: t.replace("<xmin>3</xmin>", "<xmin>abc</xmin>")),
      ("000001",), "clipart"),
     ("voc-xml-no-bndbox", edit_text(VOC_XML, lambda t: t.replace("<bndbox>", "<bbox>").replace("</bndbox>", "</bbox>")),
@@ -554,7 +551,6 @@ DET_DAMAGE: list[tuple[str, Callable[[Path], None], tuple[str, ...], str]] = [
     ("voc-list-repeated-id", edit_text(VOC_LIST, lambda t: t + "000001\n"), ("000001",), "clipart"),
     ("voc-list-empty", text(VOC_LIST, ""), ("trainval",), "clipart"),
     ("voc-list-missing", remove(VOC_LIST), ("trainval",), "clipart"),
-    ("clipart-xml-box-outside-image", voc_xml(CLIPART_XML, [Obj("car", (0, 0, 300, 200))]), ("c003",), "clipart"),
     ("clipart-jpeg-text", text(CLIPART_JPG), ("c003",), "clipart"),
     ("clipart-xml-unknown-class", voc_xml(CLIPART_XML, [Obj("spaceship", (1, 1, 9, 9))]), ("spaceship",), "clipart"),
     ("coco-json-malformed", edit_text(COCO_JSON, lambda t: t[: len(t) // 2]), ("instances_val.json",), "coco"),
@@ -564,9 +560,6 @@ DET_DAMAGE: list[tuple[str, Callable[[Path], None], tuple[str, ...], str]] = [
     ("coco-annotation-unknown-image", coco_edit(lambda d: d["annotations"][0].update(image_id=999)), ("999",), "coco"),
     ("coco-annotation-unknown-category", coco_edit(lambda d: d["annotations"][0].update(category_id=777)), ("777",),
      "coco"),
-    ("coco-bbox-negative-width", coco_edit(lambda d: _coco_bbox(d, [2, 3, -5, 10])), ("instances_val.json",), "coco"),
-    ("coco-bbox-outside-image", coco_edit(lambda d: _coco_bbox(d, [100, 100, 20, 20])), ("instances_val.json",),
-     "coco"),
     ("coco-bbox-not-numbers", coco_edit(lambda d: _coco_bbox(d, ["a", "b", "c", "d"])), ("instances_val.json",),
      "coco"),
     ("coco-image-file-missing", remove("coco/val/a/frame_01.jpg"), ("frame_01",), "coco"),
@@ -574,9 +567,13 @@ DET_DAMAGE: list[tuple[str, Callable[[Path], None], tuple[str, ...], str]] = [
      "coco"),
 ]
 
+# A run reads the target training images when it first labels them, after round 0: a damaged one
+# stops it there with round 0 kept for --resume (the data check decodes every image beforehand).
+READ_AFTER_ROUND_0 = {"cityscapes-train-image-text"}
 for _id, _damage, _contains in SEG_DAMAGE:
     add(f"data-check-{_id}", "data", ("data", "check", "{recipe}"), seg_data(_damage), _contains)
-    add(f"data-run-{_id}", "data", RUN, seg_data(_damage), _contains, may_write=("run",))
+    if _id not in READ_AFTER_ROUND_0:
+        add(f"data-run-{_id}", "data", RUN, seg_data(_damage), _contains, may_write=("run",))
 for _id, _damage, _contains, _target in DET_DAMAGE:
     add(f"data-check-{_id}", "data", ("data", "check", "{recipe}"), det_data(_damage, _target), _contains)
     add(f"data-run-{_id}", "data", RUN, det_data(_damage, _target), _contains, may_write=("run",))

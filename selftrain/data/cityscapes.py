@@ -36,6 +36,10 @@ SPLITS = ("train", "val", "test")
 FOG_BETAS = {0.005: "0.005", 0.01: "0.01", 0.02: "0.02"}
 
 
+# gtFine *_labelIds.png files hold the label ids 0..33 of cityscapesscripts' table.
+CITYSCAPES_LABEL_IDS = 34
+
+
 def space_table(space: str, *, label_ids: bool) -> tuple[np.ndarray | None, tuple[str, ...]]:
     """Lookup table uint8 [256] and class names for Cityscapes-style labels in ``space``.
 
@@ -88,7 +92,7 @@ class Cityscapes(PairedDataset):
         lut, names = space_table(label_space, label_ids=True)
         super().__init__(pairs=pairs, where=f"cityscapes {split} ({image_dir})", lut=lut, class_names=names,
                          list_file=list_file, with_labels=with_labels, num_classes=num_classes,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, raw_values=CITYSCAPES_LABEL_IDS)
 
 
 @DATASETS.register("foggy_cityscapes")
@@ -116,7 +120,7 @@ class FoggyCityscapes(PairedDataset):
         self.beta = float(beta)
         super().__init__(pairs=pairs, where=f"foggy_cityscapes {split} beta {tag} ({image_dir})", lut=lut,
                          class_names=names, list_file=list_file, with_labels=with_labels, num_classes=num_classes,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, raw_values=CITYSCAPES_LABEL_IDS)
 
 
 @DATASETS.register("nthu")

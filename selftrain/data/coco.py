@@ -46,6 +46,11 @@ def read_coco_json(path: Path, image_root: Path) -> tuple[list[CocoImage], list[
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise DataError(f"cannot read COCO annotations {path} ({exc.__class__.__name__}: {exc}); "
                         "fix or replace the JSON file") from None
+    seen: set[int] = set()
+    for im in doc["images"]:
+        if int(im["id"]) in seen:
+            raise DataError(f"{path} lists image id {int(im['id'])} twice; give every image its own id")
+        seen.add(int(im["id"]))
     if len(set(names.values())) != len(names):
         raise DataError(f"{path} names one category twice; give every category its own name")
     return images, [names[k] for k in sorted(names)]

@@ -253,6 +253,9 @@ def voc_layout_items(base: Path, split: str | None, prefix: str = "") -> list[De
         valid = sorted(p.stem for p in lists.glob("*.txt") if p.stem.split("_")[0] not in VOC_CLASSES)
         raise DataError(f"split list {lists / f'{split}.txt'} does not exist; choose one of: {', '.join(valid) or '(none)'}")
     ids = sorted(images) if split is None else read_ids(lists / f"{split}.txt", "split list")
+    if len(set(ids)) != len(ids):
+        repeated = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise DataError(f"split list {lists / f'{split}.txt'} names image {repeated!r} twice; list each image once")
     missing = [i for i in ids if i not in images]
     if missing:
         raise DataError(f"{len(missing)} images of split {split} are missing from {base / 'JPEGImages'} "

@@ -216,17 +216,20 @@ class PairedDataset(Dataset):
         num_classes: when given, a mapped label value outside ``[0, num_classes)`` is an error.
         ignore_index: the value of ignored pixels in samples (255 in the files and tables).
         resize: optional [H, W]: images bilinear, labels nearest neighbour.
+        raw_values: label files hold values below this (Cityscapes label ids: 34); a larger value is
+            an error, not an ignored pixel (a file of another data set or a damaged one).
     """
 
     def __init__(self, *, pairs: list[Pair], where: str, lut: np.ndarray | None, class_names: Sequence[str],
                  list_file: str | None = None, with_labels: bool = True, num_classes: int | None = None,
-                 ignore_index: int = 255, resize: Sequence[int] | None = None) -> None:
+                 ignore_index: int = 255, resize: Sequence[int] | None = None, raw_values: int | None = None) -> None:
         self.pairs = subset(pairs, list_file, where)
         if with_labels:
             check_labels_exist(self.pairs, where)
         self.where, self.lut, self.class_names = where, lut, tuple(class_names)
         self.with_labels, self.num_classes, self.ignore_index = with_labels, num_classes, ignore_index
         self.resize = parse_resize(resize)
+        self.raw_values = raw_values
 
     @property
     def ids(self) -> list[str]:
@@ -268,6 +271,10 @@ class PairedDataset(Dataset):
         if raw.ndim != 2 or (image_size is not None and raw.shape != image_size):
             raise DataError(f"label {pair.label} has shape {raw.shape}, its image {image_size}; labels must be "
                             "single-channel and the size of their image")
+        if self.raw_values is not None and raw.size and int(raw.max()) >= self.raw_values:
+            raise DataError(f"label {pair.label} holds the value {int(raw.max())}, above the largest label id "
+                            f"{self.raw_values - 1} of {self.where.split()[0]}; replace the file with the data "
+                            "set's own label file")
         mapped = raw if self.lut is None else self.lut[np.clip(raw, 0, 255)]
         if self.resize is not None:
             size = (self.resize[1], self.resize[0])

@@ -131,7 +131,7 @@ def test_the_table_is_large():
     (["policy.mining.probability=1", "policy.mining.rare_share=0"], "policy.mining.probability", 1.0),
     (["eval.scales=[5e-1, 1, 1.5e0]"], "eval.scales", [0.5, 1.0, 1.5]),
     (["name=a.b-c_1"], "name", "a.b-c_1"),
-    (["name=1e-3"], "name", "1e-3"),  # a string field keeps the text
+    (["name='1e-3'"], "name", "1e-3"),  # quoted, a string field keeps the text
     (["device=cuda:0"], "device", "cuda:0"),
     (["data.source.options.num_images=0"], "data.source.options", {"num_images": 0, "seed": 0, "height": 64,
                                                                     "width": 128}),
