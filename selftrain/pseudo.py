@@ -7,8 +7,8 @@ selects and writes the round's HDF5 file. Host memory holds one batch at a time 
 of the target set.
 
 The scratch file holds the logits at the network's output stride, not at the input size
-(19 x 129 x 257 x 2 B = 1.26 MB instead of 19 x 1024 x 2048 x 2 B = 79.7 MB for a Cityscapes image
-through DeepLab-v2 at stride 8). Every read upsamples them on the CPU with the adapter's
+(19 x 128 x 256 x 2 B = 1.25 MB instead of 19 x 1024 x 2048 x 2 B = 79.7 MB for a Cityscapes image
+through DeepLab-v2 at stride 8; ``benchmarks/logit_cache.py`` measures it). Every read upsamples them on the CPU with the adapter's
 ``upsample_logits`` (what ``predict`` does), so each pass sees the same full-size logits bit for
 bit. With test-time augmentation each view is cached at its own output stride (scale s costs s^2
 of the plain view) and the views are combined again on every read: the combination (a

@@ -178,7 +178,7 @@ class RankSearch:
         ranks = portion_ranks(counts, portion)
         b = torch.searchsorted(torch.cumsum(counts, dim=1), ranks.clamp_min(1).unsqueeze(1)).squeeze(1)
         b = b.clamp(max=BINS - 1)
-        slack = 1e-3  # ~half a bin: far wider than float32 rounding in cost_to_bin (~2e-5 relative)
+        slack = 1e-4  # 30x the float32 rounding of cost_to_bin at the edges (<= 3.5e-6 relative, measured)
         lo = cost_patterns((bin_lower_edge(b) * (1 - slack)).float())
         top = torch.full_like(lo, _PATTERN_END)
         hi = torch.where(b == BINS - 1, top, cost_patterns((bin_upper_edge(b) * (1 + slack)).float()) + 1)
@@ -204,8 +204,8 @@ class RankSearch:
         self.below += torch.bincount(g[p < lo], minlength=len(self.ranks))
         cell = torch.div(p - lo, width, rounding_mode="floor")
         inside = (p >= lo) & (cell < WINDOW)
-        flat = g[inside] * WINDOW + cell[inside]
-        self.cells += torch.bincount(flat, minlength=self.cells.numel()).view_as(self.cells)
+        flat = g[inside] * WINDOW + cell[inside]  # few pixels: add them where they fall
+        self.cells.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
     def narrow(self) -> None:
         """After a pass: move each open window onto the cell holding its rank; reset the counts."""
