@@ -16,6 +16,8 @@ from ..priors import resize_prior
 from ..types import SegPrediction, SegPseudoLabels
 from . import functional as F
 
+_MAX_PASSES = 4
+
 
 class ThresholdPolicy:
     """Confidence-threshold self-training: observe a target pass, ``fit(portion)``, then ``select``.
@@ -96,16 +98,24 @@ class ThresholdPolicy:
         return self.thresholds
 
     def _exact_costs(self, portion: float, replay: Callable[[], Iterable[Any]]) -> torch.Tensor:
-        """Passes over ``replay()`` until every group's rank has its exact cost. -> [C] float64"""
+        """Passes over ``replay()`` until every group's rank has its exact cost. -> [C] float64
+
+        One pass from a geometric bin, two from an end bin, two more after a missed window: a fifth
+        pass means ``replay()`` does not yield the pixels that were observed.
+        """
         hist = self._hist()
         search = F.RankSearch.from_histogram(hist if self.class_balanced else hist.sum(0, keepdim=True), portion)
-        while not search.done:
+        for _ in range(_MAX_PASSES):
+            if search.done:
+                break
             for item in replay():
                 pred, valid = item if isinstance(item, tuple) else (item, None)
                 label, cost, _ = self._predicted_cost(pred)
                 group = label if self.class_balanced else torch.zeros_like(label)
                 search.count(group, cost, valid)
             search.narrow()
+        if not search.done:
+            raise RuntimeError(f"no exact threshold after {_MAX_PASSES} passes: replay() must yield the observed batches")
         costs = search.costs()
         return costs if self.class_balanced else costs.expand(hist.shape[0]).clone()
 

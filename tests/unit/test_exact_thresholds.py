@@ -162,3 +162,12 @@ def test_classes_without_a_rank_keep_threshold_one():
     logits[0][:, 5] = -50.0  # class 5 never predicted
     pol = fitted("cbst", logits, 0.5)
     assert pol.thresholds[5].item() == 1.0 and pol.costs[5].item() == 0.0
+
+
+def test_a_replay_that_yields_other_pixels_is_refused():
+    logits = random_logits(10, batches=2)
+    pol = make("cbst", None)
+    for z in logits:
+        pol.observe(SegPrediction(logits=z))
+    with pytest.raises(RuntimeError, match="replay"):
+        pol.fit(0.5, replay=lambda: iter([SegPrediction(logits=logits[0][:1])]))
