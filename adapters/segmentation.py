@@ -1,6 +1,9 @@
 """Segmentation adapters: segmentation-models-pytorch architectures and a tiny test model.
 
-Every adapter wraps one ``nn.Module`` whose output is logits [B, C, H, W] at the input size.
+Every adapter wraps one ``nn.Module`` whose output is logits at the network's output stride (the
+input size for smp's models, which upsample inside their head); ``predict`` and ``forward_train``
+upsample them bilinearly to the input size, and ``native_logits`` hands the labeller the logits
+before that step, with ``upsample_logits`` to finish it exactly as ``predict`` does.
 Weights come only from local files named in the recipe; nothing is ever downloaded.
 """
 
@@ -63,8 +66,26 @@ class SegmentationAdapter:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> SegPrediction:
+        """Logits at the input size [B, C, H, W], eval mode, no gradients."""
         self.model.eval()
         return SegPrediction(logits=self._logits(images))
+
+    @torch.no_grad()
+    def native_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's logits at its output stride [B, C, h, w], eval mode, no gradients.
+
+        ``upsample_logits(native_logits(x), x.shape[-2:])`` equals ``predict(x).logits`` bit for bit:
+        the labeller caches these (64x smaller at stride 8) and upsamples them when it reads them.
+        """
+        self.model.eval()
+        return self._network(images)
+
+    @staticmethod
+    def upsample_logits(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Logits [B, C, h, w] -> [B, C, *size]: bilinear, ``align_corners=False``, as ``predict`` does."""
+        if logits.shape[-2:] != tuple(size):
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits
 
     def forward_train(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> StepOutputs:
         self.model.train()
@@ -74,11 +95,11 @@ class SegmentationAdapter:
             losses["ce"] = cross_entropy(logits, targets, self.ignore_index)
         return StepOutputs(losses=losses, logits=logits, features={})
 
+    def _network(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.contiguous(memory_format=self.memory_format))
+
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(images.contiguous(memory_format=self.memory_format))
-        if out.shape[-2:] != images.shape[-2:]:
-            out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return out
+        return self.upsample_logits(self._network(images), images.shape[-2:])
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()

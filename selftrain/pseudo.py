@@ -1,9 +1,18 @@
 """Offline pseudo-labelling of the target set: one network pass, then selection from a cache.
 
 Pass 1 runs the teacher once over the target images, feeds the policy's streaming statistics and
-writes the logits as float16 to a scratch file; ``policy.fit(portion)`` sets the thresholds; pass 2
-reads the scratch file back batch by batch, selects and writes the round's HDF5 file. Host memory
-holds one batch at a time whatever the size of the target set.
+writes the logits as float16 to a scratch file; ``policy.fit(portion, replay=...)`` sets the exact
+thresholds (one or two more reads of the scratch file); pass 2 reads it back batch by batch,
+selects and writes the round's HDF5 file. Host memory holds one batch at a time whatever the size
+of the target set.
+
+The scratch file holds the logits at the network's output stride, not at the input size
+(19 x 128 x 256 x 2 B = 1.25 MB instead of 19 x 1024 x 2048 x 2 B = 79.7 MB for a Cityscapes image
+through DeepLab-v2 at stride 8; ``benchmarks/logit_cache.py`` measures it). Every read upsamples them on the CPU with the adapter's
+``upsample_logits`` (what ``predict`` does), so each pass sees the same full-size logits bit for
+bit. With test-time augmentation each view is cached at its own output stride (scale s costs s^2
+of the plain view) and the views are combined again on every read: the combination (a
+log-softmax at the input size) cannot be taken before upsampling without changing the numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -72,9 +82,54 @@ class LogitCache:
                 data = np.frombuffer(fh.read(n * 2), dtype=np.float16).reshape(shape)
                 yield torch.from_numpy(data.astype(np.float32))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes written so far."""
+        return sum(2 * int(np.prod(shape)) for shape in self.shapes)
+
     def remove(self) -> None:
         if self.path.exists():
             os.remove(self.path)
+
+
+class CacheRecorder:
+    """The adapter as test-time augmentation sees it in pass 1: each view runs the network at its
+    output stride, the float16 logits go to the cache, and the view gets them upsampled on the CPU
+    exactly as :class:`CacheReplay` will upsample them when the cache is read back."""
+
+    def __init__(self, adapter: Any, cache: LogitCache) -> None:
+        self.adapter, self.cache = adapter, cache
+
+    def predict(self, images: torch.Tensor) -> SegPrediction:
+        native = self.cache.write(self.adapter.native_logits(images))
+        return SegPrediction(logits=self.adapter.upsample_logits(native, images.shape[-2:]))
+
+
+class CacheReplay:
+    """The adapter as test-time augmentation sees it on a read of the cache: the next cached view,
+    upsampled to the size the view asks for."""
+
+    def __init__(self, adapter: Any, views: Iterator[torch.Tensor]) -> None:
+        self.adapter, self.views = adapter, views
+
+    def predict(self, images: torch.Tensor) -> SegPrediction:
+        return SegPrediction(logits=self.adapter.upsample_logits(next(self.views), images.shape[-2:]))
+
+
+def replay_logits(adapter: Any, tta: TestTimeAugment, cache: LogitCache,
+                  sizes: list[tuple[int, ...]]) -> Iterator[torch.Tensor]:
+    """Full-size logits [B, C, H, W] of each cached batch, computed as in pass 1.
+
+    ``sizes`` holds each batch's image shape [B, 3, H, W]; test-time augmentation reads nothing of
+    the images but their size outside ``predict``, so a zero-stride placeholder stands in for them.
+    """
+    views = cache.read()
+    replay = CacheReplay(adapter, views)
+    try:
+        for shape in sizes:
+            yield tta.predict(replay, torch.zeros(()).expand(*shape)).logits
+    finally:
+        views.close()
 
 
 def label_target(
@@ -89,15 +144,23 @@ def label_target(
     policy.reset()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     ids: list[list[str]] = []
+    sizes: list[tuple[int, ...]] = []
     cache = LogitCache(scratch)
     try:
         with cache:
+            recorder = CacheRecorder(adapter, cache)
             for batch in progress(loader, desc="pseudo-labels: predict", unit="batch"):
-                logits = cache.write(tta.predict(adapter, batch["image"].to(device)).logits)
-                policy.observe(SegPrediction(logits=logits))
+                images = batch["image"].to(device)
+                policy.observe(SegPrediction(logits=tta.predict(recorder, images).logits))
                 ids.append(batch["id"])
-        thresholds = policy.fit(portion)
-        selected, cm = _select_and_write(policy, cache, ids, dataset, writer, ignore_index)
+                sizes.append(tuple(images.shape))
+        log.info("logit cache: %d bytes for %d images", cache.nbytes, sum(map(len, ids)))
+
+        def replay():
+            return (SegPrediction(logits=logits) for logits in replay_logits(adapter, tta, cache, sizes))
+
+        thresholds = policy.fit(portion, replay=replay)
+        selected, cm = _select_and_write(policy, replay(), ids, dataset, writer, ignore_index)
     finally:
         cache.remove()
     writer.finish(thresholds=thresholds.numpy(), predicted_pixels=policy.predicted_pixels.numpy(),
@@ -105,14 +168,14 @@ def label_target(
     return _result(policy, thresholds, selected, cm)
 
 
-def _select_and_write(policy, cache: LogitCache, ids, dataset, writer, ignore_index: int):
+def _select_and_write(policy, preds: Iterator[SegPrediction], ids, dataset, writer, ignore_index: int):
     """Pass 2: select from cached logits, write each image, count selected pixels (and hits on GT)."""
     num_classes = len(policy.predicted_pixels)
     selected = torch.zeros(num_classes, dtype=torch.int64)
     cm = ConfusionMatrix(num_classes, ignore_index)
     start = 0
-    for logits, batch_ids in zip(cache.read(), ids):
-        chosen = policy.select_with_confidence(SegPrediction(logits=logits))
+    for pred, batch_ids in zip(preds, ids):
+        chosen = policy.select_with_confidence(pred)
         selected += bincount_skipping(chosen.labels, chosen.labels == ignore_index, num_classes)
         writer.add_segmentation_batch(batch_ids, chosen.labels.to(torch.uint8).numpy(), chosen.confidence.numpy())
         gt = target_ground_truth(dataset, range(start, start + len(batch_ids)))

@@ -7,9 +7,19 @@ decreasing confidence.
 
 Thresholds come from streaming histograms of the cost of each pixel's predicted class, kept per
 class. Bins are geometric between ``COST_MIN`` and ``COST_MAX`` (bin 0 holds ``[0, COST_MIN)``),
-so the threshold ``t = exp(-k)`` read off a bin edge is within ``t * k * (r - 1) <= 8.4e-4`` of the
-exact order statistic for every ``k`` (``r`` the bin ratio), while memory stays ``C x BINS``
+so a cost read off a bin edge is within ``k * (r - 1) ~ 0.22 %`` of the exact order statistic
+(``r`` the bin ratio): enough for ST and CBST (k < 1), not for prior-weighted potentials
+(CBST-SP, k ~ 8-15, where thresholds move by ~2 %). :class:`RankSearch` makes the order statistic
+exact: further passes over the same pixels histogram the float32 bit patterns of the costs inside
+each class's boundary window, ``WINDOW`` patterns at a time, until the window is one pattern wide
+(one pass from a geometric bin, two from the open end bins). Memory stays ``C x max(BINS, WINDOW)``
 whatever the number of target pixels.
+
+Rank convention (CBST Algorithm 2, lines 11-12, and the authors' code; §3.3's text says
+``round``): ``k_c`` is the cost at 1-based rank ``floor(N_c * p)`` of the class's costs in
+increasing order (confidences in decreasing order), ``N_c`` the pixels predicted as class c; a
+class with ``floor(N_c * p) < 1`` keeps ``k_c = 0`` (threshold 1). Selection keeps every pixel whose
+cost is ``<= k_c``, so pixels tied with the rank's value are all selected.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ BINS = 32768
 _LOG_MIN = math.log(COST_MIN)
 _LOG_STEP = (math.log(COST_MAX) - _LOG_MIN) / (BINS - 1)
 IGNORE = 255
+WINDOW = 65536  # float32 bit patterns (or groups of them) counted per class in a refinement pass
+_PATTERN_END = 0x7F800001  # one past +inf: every non-negative non-NaN float32 pattern lies below
 
 
 def _tail(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,6 +123,12 @@ def _rank_cost(counts: torch.Tensor, portion: float) -> float:
     return float(bin_upper_edge(torch.tensor(b)))
 
 
+def bin_lower_edge(index: torch.Tensor) -> torch.Tensor:
+    """The smallest cost that falls into bin ``index`` (0 for bin 0), float64."""
+    edge = torch.exp(_LOG_MIN + (index.double() - 1) * _LOG_STEP)
+    return torch.where(index > 0, edge, torch.zeros_like(edge))
+
+
 def global_costs(hist: torch.Tensor, portion: float) -> torch.Tensor:
     """ST (Algorithm 1): one cost ``k`` over all pixels of all classes, repeated per class. -> [C]"""
     k = _rank_cost(hist.sum(dim=0), portion)
@@ -120,6 +138,101 @@ def global_costs(hist: torch.Tensor, portion: float) -> torch.Tensor:
 def class_balanced_costs(hist: torch.Tensor, portion: float) -> torch.Tensor:
     """CBST (Algorithm 2): per class ``k_c`` over the pixels predicted as class c. -> [C]"""
     return torch.tensor([_rank_cost(row, portion) for row in hist], dtype=torch.float64)
+
+
+def portion_ranks(counts: torch.Tensor, portion: float) -> torch.Tensor:
+    """1-based ranks ``floor(N_g * portion)`` per group; counts [G, BINS] -> [G] int64 (0: no rank)."""
+    totals = counts.sum(dim=1).double()
+    return torch.floor(totals * portion).long()
+
+
+def cost_patterns(cost: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns of non-negative costs as int64: ordered exactly like the costs."""
+    return cost.float().abs().view(torch.int32).long()
+
+
+def pattern_cost(pattern: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`cost_patterns`: the float32 cost of each pattern, as float64."""
+    return pattern.to(torch.int32).view(torch.float32).double()
+
+
+class RankSearch:
+    """Exact order statistics of streamed costs, one per group (a class, or all pixels for ST).
+
+    Each group has a target rank and a window of float32 patterns ``[lo, lo + width * WINDOW)``
+    cut into ``WINDOW`` cells. A pass over the pixels counts, per group, the pixels below the window
+    (``below``) and in each cell (``cells`` [G, WINDOW]); :meth:`narrow` moves the window onto the
+    cell that holds the rank, until cells are one pattern wide and the rank's cost is known exactly.
+    A window that misses its rank (never from a histogram's own bins) falls back to the full range.
+    """
+
+    def __init__(self, ranks: torch.Tensor, lo: torch.Tensor, width: torch.Tensor) -> None:
+        self.ranks, self.lo, self.width = ranks, lo, width
+        self.result = torch.full_like(ranks, -1)  # exact pattern per group once found
+        self.result[ranks < 1] = 0  # no rank: cost 0, threshold 1
+        self.reset_counts()
+
+    @classmethod
+    def from_histogram(cls, counts: torch.Tensor, portion: float) -> RankSearch:
+        """Start from the geometric bin holding each group's rank (counts [G, BINS] int64)."""
+        ranks = portion_ranks(counts, portion)
+        b = torch.searchsorted(torch.cumsum(counts, dim=1), ranks.clamp_min(1).unsqueeze(1)).squeeze(1)
+        b = b.clamp(max=BINS - 1)
+        slack = 1e-4  # 30x the float32 rounding of cost_to_bin at the edges (<= 3.5e-6 relative, measured)
+        lo = cost_patterns((bin_lower_edge(b) * (1 - slack)).float())
+        top = torch.full_like(lo, _PATTERN_END)
+        hi = torch.where(b == BINS - 1, top, cost_patterns((bin_upper_edge(b) * (1 + slack)).float()) + 1)
+        return cls(ranks, lo, _cells(hi - lo))
+
+    @property
+    def done(self) -> bool:
+        return bool((self.result >= 0).all())
+
+    def reset_counts(self) -> None:
+        self.below = torch.zeros_like(self.ranks)
+        self.cells = torch.zeros(len(self.ranks), WINDOW, dtype=torch.int64)
+
+    def count(self, group: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add one batch: ``group`` int64 and ``cost`` of the same shape (``valid`` False pixels skipped)."""
+        g, p = group.reshape(-1), cost_patterns(cost).reshape(-1)
+        if valid is not None:
+            keep = valid.reshape(-1)
+            g, p = g[keep], p[keep]
+        open_ = (self.result < 0)[g]
+        g, p = g[open_], p[open_]
+        lo, width = self.lo[g], self.width[g]
+        self.below += torch.bincount(g[p < lo], minlength=len(self.ranks))
+        cell = torch.div(p - lo, width, rounding_mode="floor")
+        inside = (p >= lo) & (cell < WINDOW)
+        flat = g[inside] * WINDOW + cell[inside]  # few pixels: add them where they fall
+        self.cells.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def narrow(self) -> None:
+        """After a pass: move each open window onto the cell holding its rank; reset the counts."""
+        for i in torch.nonzero(self.result < 0).flatten().tolist():
+            cum = self.below[i] + torch.cumsum(self.cells[i], 0)
+            rank = self.ranks[i]
+            cell = int(torch.searchsorted(cum, rank.view(1)))
+            if self.below[i] >= rank or cell >= WINDOW:  # the rank lies outside the window: search all
+                self.lo[i], self.width[i] = 0, _cells(torch.tensor(_PATTERN_END))
+                continue
+            start = self.lo[i] + cell * self.width[i]
+            if self.width[i] == 1:
+                self.result[i] = start
+            else:
+                self.lo[i], self.width[i] = start, _cells(self.width[i])
+        self.reset_counts()
+
+    def costs(self) -> torch.Tensor:
+        """The exact cost at each group's rank (0 where it has none) [G] float64."""
+        if not self.done:
+            raise RuntimeError("RankSearch needs more passes before its costs are known")
+        return pattern_cost(self.result)
+
+
+def _cells(span: torch.Tensor) -> torch.Tensor:
+    """Patterns per cell so that ``span`` patterns fit in ``WINDOW`` cells (ceil division)."""
+    return torch.div(span + WINDOW - 1, WINDOW, rounding_mode="floor").clamp_min(1)
 
 
 def select(logpot: torch.Tensor, costs: torch.Tensor, ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:

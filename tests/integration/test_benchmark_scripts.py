@@ -46,3 +46,33 @@ def test_pseudo_box_ranking_reports_thresholds_and_top_k(det_tiny_recipe, tmp_pa
         run_script(monkeypatch, RANKING, str(run), "--round", "4")
     assert bad.value.code == 2 and "round_004.pt does not exist" in capsys.readouterr().err
     assert torch.is_grad_enabled()
+
+
+THRESHOLDS = REPO / "benchmarks" / "thresholds.py"
+LOGIT_CACHE = REPO / "benchmarks" / "logit_cache.py"
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_threshold_benchmark_finds_identical_thresholds_in_less_memory(monkeypatch, capsys, prior):
+    run_script(monkeypatch, THRESHOLDS, "--maps", "2", "12", "--height", "32", "--width", "64",
+               *(["--prior"] if prior else []))
+    reports = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["maps"] for r in reports] == [2, 12]
+    for r in reports:
+        assert r["identical"] is True
+        assert r["seconds"]["ours"] > 0 and r["seconds"]["baseline"] > 0
+        assert r["seconds"]["ratio"] == pytest.approx(r["seconds"]["ours"] / r["seconds"]["baseline"], rel=1e-2)
+        assert r["peak_mb"]["ours"] >= 0 and r["peak_mb"]["baseline"] >= 0
+
+
+def test_logit_cache_benchmark_measures_the_stride(monkeypatch, capsys):
+    run_script(monkeypatch, LOGIT_CACHE, "--height", "33", "--width", "47", "--images", "2",
+               "--models", "tiny_seg", "deeplabv2")
+    tiny, deeplab = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tiny["native"] == [19, 17, 24] and deeplab["native"] == [19, 5, 6]
+    assert tiny["bytes_per_image"] == {"stride": 19 * 17 * 24 * 2, "full": 19 * 33 * 47 * 2,
+                                       "ratio": round(47 * 33 / (17 * 24), 2)}
+    assert deeplab["bytes_per_image"]["stride"] == 19 * 5 * 6 * 2
+    assert deeplab["cityscapes"]["native"] == [19, 128, 256]  # DeepLab-v2 at stride 8 on 1024 x 2048
+    assert deeplab["cityscapes"]["stride_mb"] == round(19 * 128 * 256 * 2 / 1e6, 3)
+    assert deeplab["cityscapes"]["ratio"] == 64.0
