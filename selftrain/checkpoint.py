@@ -137,22 +137,44 @@ class RunDir:
         current one. One that holds none (the run failed before its first checkpoint) takes the new
         recipe, so a corrected rerun needs nothing deleted.
         """
-        if self.config.exists() and self._holds_progress():
-            if not resume:
-                raise UserError(f"run directory {self.root} already holds a run; pass --resume to continue it "
-                                "or choose another --out")
-            if self.config.read_text() != recipe_yaml:
+        progress = self._holds_progress()
+        if progress and not resume:
+            raise UserError(f"run directory {self.root} already holds a run; pass --resume to continue it "
+                            "or choose another --out")
+        last = self._resume_point() if resume else None
+        state = self.round_state(last) if last is not None else None  # readable, before anything changes
+        if progress:
+            saved = self._saved_recipe(state)
+            if saved is not None and saved != recipe_yaml:
                 raise UserError(f"run directory {self.root} was made with another recipe; resume with the same "
                                 "recipe and --set values, or choose another --out")
-        elif self.config.exists() and self.config.read_text() != recipe_yaml:
+        elif self.config.exists() and self.config.read_bytes() != recipe_yaml.encode():
             log.info("run directory %s holds no checkpoint yet: it starts afresh with this recipe", self.root)
-        last = self._resume_point() if resume else None
+        metrics = self._whole_metrics(last)  # every record checked before the first write
+        if last is not None and not _same_file(self.last, self.checkpoint(last)) and self.checkpoint(last).is_file():
+            with writing(self.last):
+                link_atomic(self.checkpoint(last), self.last)  # a kill can come between the two
         with writing(self.root):
             self._remove_scratch()
         with writing(self.config):
             write_text_atomic(self.config, recipe_yaml)
-        self._restore_metrics(last)
+        self._write_metrics(metrics)
         return last
+
+    def _saved_recipe(self, state: dict[str, Any] | None) -> str | None:
+        """The recipe the run was made with: config.yaml, else (deleted) the newest round checkpoint's;
+        a config.yaml that is not a recipe is an error naming it."""
+        if not self.config.exists():
+            return state.get("recipe") if state is not None else None
+        try:
+            text = self.config.read_text(encoding="utf-8")
+            ok = isinstance(yaml.safe_load(text), dict)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            ok = False
+        if not ok:
+            raise UserError(f"{self.config} is damaged (not a recipe); restore it, or delete it and rerun with "
+                            "--resume: the recipe is then checked against the newest checkpoint's")
+        return text
 
     def round_file(self, round_index: int) -> Path:
         """Complete round ``round_index``'s checkpoint: its round file, else last.pt (which holds it)."""
@@ -212,8 +234,6 @@ class RunDir:
         come between the two); last.pt's round where no round file is left (deleted to save space)."""
         rounds = self.completed_rounds()
         if rounds:
-            if not _same_file(self.last, self.checkpoint(rounds[-1])):
-                link_atomic(self.checkpoint(rounds[-1]), self.last)
             return rounds[-1]
         if not self.last.is_file():
             return None
@@ -223,10 +243,10 @@ class RunDir:
             raise UserError(f"checkpoint {self.last} is damaged and cannot be read; delete it and rerun with "
                             "--resume to start again from round 0") from None
 
-    def _restore_metrics(self, last: int | None) -> None:
-        """metrics.jsonl := one record per complete round, in round order: the lines of later rounds
-        (left by an interrupted round) go, a checkpointed round's missing line comes back from its
-        checkpoint. Rewritten only when that changes the file."""
+    def _whole_metrics(self, last: int | None) -> str:
+        """metrics.jsonl as it must be: one record per complete round, in round order; the lines of
+        later rounds (left by an interrupted round) go, a checkpointed round's missing line comes back
+        from its checkpoint."""
         kept: dict[int, str] = {}
         for record in self.records():
             if last is not None and record["round"] <= last:
@@ -235,7 +255,10 @@ class RunDir:
             for r in sorted({*(r for r in self.completed_rounds() if r <= last), last} - kept.keys()):
                 if (record := load_checkpoint(self.round_file(r)).get("record")) is not None:
                     kept[r] = json.dumps(record)
-        text = "".join(kept[r] + "\n" for r in sorted(kept))
+        return "".join(kept[r] + "\n" for r in sorted(kept))
+
+    def _write_metrics(self, text: str) -> None:
+        """Replace metrics.jsonl with ``text``, only when that changes the file."""
         current = self.metrics.read_bytes() if self.metrics.is_file() else None
         if current is not None or text:
             if current != text.encode():

@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -642,9 +642,6 @@ add("run-resume-metrics-garbage", "run", (*RUN, "--resume"),
 add("run-resume-metrics-binary", "run", (*RUN, "--resume"),
     copied_run(_then(_cut_last_round, lambda r: (r / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\x01" * 50))),
     ("metrics.jsonl",))
-add("run-resume-metrics-wrong-rounds", "run", (*RUN, "--resume"),
-    copied_run(_then(_cut_last_round, lambda r: (r / "metrics.jsonl").write_text('{"round": 5}\n{"round": 1}\n'))),
-    ("metrics.jsonl",))
 add("run-resume-config-garbage", "run", (*RUN, "--resume"),
     copied_run(_then(_cut_last_round, lambda r: (r / "config.yaml").write_text("rounds: [unclosed\n"))),
     ("config.yaml",))
@@ -793,13 +790,6 @@ def _del(name: str) -> Callable[[h5py.File], None]:
     return edit
 
 
-def _foreign_ids(f: h5py.File) -> None:
-    ids = f["image_ids"][...]
-    del f["image_ids"]
-    f.create_dataset("image_ids", data=np.array([b"nobody_%d" % i for i in range(len(ids))], dtype=object),
-                     dtype=h5py.string_dtype())
-
-
 def _small_labels(f: h5py.File) -> None:
     n = f["labels"].shape[0]
     del f["labels"]
@@ -818,8 +808,6 @@ ROUND_DAMAGE: list[tuple[str, Callable[[Path], None]]] = [
     ("attr-complete-removed", _h5(_del("complete"))),
     ("dataset-labels-missing", _h5(_del("labels"))),
     ("dataset-image-ids-missing", _h5(_del("image_ids"))),
-    ("dataset-thresholds-missing", _h5(_del("thresholds"))),
-    ("image-ids-foreign", _h5(_foreign_ids)),
     ("labels-wrong-size", _h5(_small_labels)),
 ]
 LABELS_COMMANDS = {
@@ -831,7 +819,7 @@ for _id, _damage in ROUND_DAMAGE:
     for _cmd, _argv in LABELS_COMMANDS.items():
         add(f"round-{_cmd}-{_id}", "round", _argv,
             copied_run(lambda r, _damage=_damage: _damage(r / "pseudo" / "round_001.h5")),
-            ("nobody_0",) if _id == "image-ids-foreign" else ("round_001.h5",))
+            ("round_001.h5",))
 for _id, _damage in ROUND_DAMAGE[:6]:
     add(f"round-diff-{_id}", "round", ("labels", "diff", "{run}", "1", "2"),
         copied_run(lambda r, _damage=_damage: _damage(r / "pseudo" / "round_002.h5")), ("round_002.h5",))

@@ -72,7 +72,8 @@ def count_classes(dataset: Any, *, role: str, name: str, num_classes: int, ignor
         if label is None:
             continue
         if size is not None and getattr(dataset, "resize", None) is None and np.shape(label) != size:
-            raise DataError(f"the label of {role} image {i} is {np.shape(label)[1]}x{np.shape(label)[0]} but its "
+            which = f"{role} image {i} ({dataset.ids[i]})" if hasattr(dataset, "ids") else f"{role} image {i}"
+            raise DataError(f"the label of {which} is {np.shape(label)[1]}x{np.shape(label)[0]} but its "
                             f"image {size[1]}x{size[0]}; labels must be the size of their image")
         label = check_label(np.asarray(label), num_classes, ignore_index, f"{role} image {i}")
         keep = label != ignore_index

@@ -104,8 +104,12 @@ def test_a_damaged_last_checkpoint_names_what_to_delete(tmp_path):
     run = fake_run(tmp_path / "run", [0, 1], lines(rec(0), rec(1)))
     with open(run.checkpoint(1), "r+b") as fh:  # last.pt is the same file
         fh.truncate(100)
-    with run.open(RECIPE, resume=True) as last, pytest.raises(UserError) as exc:
-        run.round_state(last)
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as exc:  # found before the folder is touched
+        with run.open(RECIPE, resume=True):
+            pass
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file() and p.name != ".lock"} == {
+        p: b for p, b in before.items() if p.name != ".lock"}
     assert str(exc.value) == (f"checkpoint {run.checkpoint(1)} is damaged and cannot be read; delete it and last.pt "
                               "and rerun with --resume to continue from round 0")
 
