@@ -62,6 +62,10 @@ class OptimConfig:
     # Micro-batches per optimiser step: the effective batch is batch size x accumulate; steps count
     # optimiser steps, so a step draws `accumulate` batches.
     accumulate: int = 1
+    # Stop the phase (exit 1, the round not checkpointed) when a loss component passes this many times
+    # its running level, the median of its last 50 values but at least 1: healthy losses stay far
+    # below, a diverging run passes it within steps (null: stop on non-finite losses only).
+    divergence_factor: float | None = 1000.0
 
 
 @dataclass
