@@ -1,15 +1,42 @@
-"""Command line: parse, call the library, print. Known user errors exit with code 2 and one line."""
+"""Command line: parse, call the library, print.
+
+The error contract, the same for every command: a ``UserError`` or a bad option is one line
+``error: <problem>; <fix>`` on stderr and exit code 2; so is an ``OSError`` (a missing path, a
+read-only folder, a full disk), naming the path and the system's message; a diverged run is one
+line and exit code 1; anything else is an internal error, one line with its type and message and
+exit code 1; Ctrl-C is one line saying how to continue, exit code 130. ``--debug`` (or
+``SELFTRAIN_DEBUG=1``) adds the full traceback to any of them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
+import shlex
 import sys
+import traceback
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import click
 
 from .errors import UserError
+
+EXIT_USER, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+_MESSAGE_CHARS = 600  # an internal error's message beyond this is cut; --debug shows it whole
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "choose a path you may write to, or change its permissions",
+    errno.EPERM: "choose a path you may write to, or change its permissions",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "free some disk space or choose a path on another disk",
+    errno.EDQUOT: "free some disk space or choose a path on another disk",
+    errno.ENOTDIR: "a file stands where a folder is needed; choose another path",
+    errno.EISDIR: "a folder stands where a file is needed; choose another path",
+    errno.EEXIST: "something already stands there; choose another path",
+}
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -24,26 +51,135 @@ def _setup_logging(quiet: bool) -> None:
     set_quiet(quiet)
 
 
-def user_errors(fn):
-    """Turn a UserError into ``error: <message>`` on stderr and exit code 2."""
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _debug() -> bool:
+    """Whether ``--debug`` (or ``SELFTRAIN_DEBUG=1``) was given to ``selftrain``."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError as ``<path>: <system message>; <fix>`` (the paths and the fix when it has them)."""
+    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    what = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    fix = _OS_FIXES.get(exc.errno or 0, "check the path and the disk")
+    return f"{' -> '.join(paths)}: {what}; {fix}" if paths else f"{what}; {fix}"
+
+
+def internal_error_message(exc: BaseException) -> str:
+    text = _one_line(str(exc))
+    if len(text) > _MESSAGE_CHARS:
+        text = text[:_MESSAGE_CHARS] + " ..."
+    return (f"internal error: {type(exc).__name__}: {text}; this is a bug in selftrain: rerun with --debug "
+            f"and report it with the output of --debug")
+
+
+def command_words(ctx: click.Context) -> list[str]:
+    """``["selftrain", "labels", "show"]``: the command as a user types it, whatever the program name."""
+    words = []
+    while ctx.parent is not None:
+        words.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return ["selftrain", *reversed(words)]
+
+
+def resume_command(ctx: click.Context) -> str:
+    """The command line that continues an interrupted command: the same arguments plus ``--resume``."""
+    words = command_words(ctx)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        elif param.name == "resume" or value is None or value == () or value is False:
+            continue
+        elif isinstance(param, click.Option) and param.is_flag:
+            words.append(param.opts[0])
+        elif isinstance(param, click.Option) and value != param.default:
+            for v in value if param.multiple else [value]:
+                words += [param.opts[0], str(v)]
+    return shlex.join([*words, "--resume"])
+
+
+def _interrupted_message() -> str:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not any(p.name == "resume" for p in ctx.command.params):
+        return "interrupted; nothing was finished, run the command again"
+    return f"interrupted; continue with `{resume_command(ctx)}` (the same --out and --set, plus --resume)"
+
+
+def _fail(message: str, code: int) -> None:
+    if _debug():
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The error contract (module docstring) around a command."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            _fail(_interrupted_message(), EXIT_INTERRUPTED)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(_one_line(str(exc)), EXIT_USER)
         except FloatingPointError as exc:  # the run diverged: not bad input, but no traceback either
-            click.echo(f"error: {exc}; lower the learning rate or check the labels", err=True)
-            sys.exit(1)
+            _fail(f"{_one_line(str(exc))}; lower the learning rate or check the labels", EXIT_FAILED)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # stdout closed early (`| head`): click quiets it
+                raise
+            _fail(os_error_message(exc), EXIT_USER)
+        except Exception as exc:
+            _fail(internal_error_message(exc), EXIT_FAILED)
 
+    wrapper.error_contract = True  # type: ignore[attr-defined]
     return wrapper
 
 
-@click.group()
+class _UsageLine(click.UsageError):
+    """A bad option or argument as one line, with where to read the command's options."""
+
+    def show(self, file: Any = None) -> None:
+        where = " ".join(command_words(self.ctx)) if self.ctx is not None else "selftrain"
+        click.echo(f"error: {_one_line(self.message).rstrip('.')}; see `{where} --help`", err=True)
+
+
+@contextlib.contextmanager
+def _usage_lines() -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as exc:
+        if isinstance(exc, _UsageLine):
+            raise
+        raise _UsageLine(exc.format_message(), exc.ctx) from None
+
+
+class _Main(click.Group):
+    """The ``selftrain`` group: option and argument errors of every command as one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_lines():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_lines():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="selftrain")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="SELFTRAIN_DEBUG",
+              help="Show the full traceback of any error (also SELFTRAIN_DEBUG=1).")
+def main(debug: bool) -> None:
     """selftrain: self-training for unsupervised domain adaptation (ST, CBST, CBST-SP)."""
 
 
@@ -123,7 +259,8 @@ def data_synth(out: str, seed: int, num_source: int, num_target_train: int, num_
     default_height = 128 if task == "detection" else 64
     try:
         path = write(out, seed=seed, num_source=num_source, num_target_train=num_target_train,
-                     num_target_val=num_target_val, height=height or default_height, width=width or 128)
+                     num_target_val=num_target_val, height=default_height if height is None else height,
+                     width=128 if width is None else width)
     except ValueError as exc:
         raise UserError(f"{exc}; fix the option") from None
     click.echo(f"wrote {num_source + num_target_train + num_target_val} images to {path}")
@@ -186,10 +323,10 @@ def priors() -> None:
 @click.option("--root", default=None, help="Data set root (with a data set name).")
 @click.option("--split", default="", help="Data set split (with a data set name).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Data set option (with a name).")
-@click.option("--num-classes", type=int, default=None, help="Classes (with a data set name).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classes (with a data set name).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="priors/<name>.npz")
 @click.option("--size", default=None, metavar="HxW", help="Prior resolution (default: the labels' size).")
-@click.option("--ksize", type=int, default=None, help="Gaussian kernel size in pixels (default: 70 scaled to the height).")
+@click.option("--ksize", type=click.IntRange(min=1), default=None, help="Gaussian kernel size in pixels (default: 70 scaled to the height).")
 @click.option("--plot", is_flag=True, help="Also write <out>.png with one heat map per class.")
 @user_errors
 def priors_build(dataset, root, split, options, num_classes, out, size, ksize, plot) -> None:
@@ -236,7 +373,7 @@ def labels_summary(run: str, as_json: bool, recount: bool) -> None:
 
 @labels.command("show")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--round", "round_index", required=True, type=int)
+@click.option("--round", "round_index", required=True, type=click.IntRange(min=0))
 @click.option("--image", "image_id", default=None, help="Image id as stored in the pseudo-label file.")
 @click.option("--index", type=int, default=None, help="Image position in the round (first of the sheet with --grid).")
 @click.option("--grid", type=int, default=None, help="A contact sheet of N images.")
@@ -253,8 +390,8 @@ def labels_show(run: str, round_index: int, image_id: str | None, index: int | N
 
 @labels.command("diff")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.argument("a", type=int)
-@click.argument("b", type=int)
+@click.argument("a", type=click.IntRange(min=0))
+@click.argument("b", type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def labels_diff(run: str, a: int, b: int, as_json: bool) -> None:
@@ -275,7 +412,7 @@ def labels_diff(run: str, a: int, b: int, as_json: bool) -> None:
 
 @labels.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--round", "round_index", required=True, type=int)
+@click.option("--round", "round_index", required=True, type=click.IntRange(min=0))
 @click.option("--format", "fmt", required=True, metavar="png|cityscapes|voc|coco",
               help="png, cityscapes (segmentation); voc, coco (detection).")
 @click.option("--out", required=True, help="A new or empty folder (or an earlier export, with --overwrite).")
@@ -297,6 +434,7 @@ def labels_export(run: str, round_index: int, fmt: str, out: str, images: str, s
 
 @main.command("list")
 @click.argument("what", type=click.Choice(["adapters", "policies", "losses", "datasets"]))
+@user_errors
 def list_cmd(what: str) -> None:
     """List the registered adapters, policies, loss terms or data sets with their task (and kind)."""
     if what == "adapters":
@@ -337,10 +475,18 @@ def demo(out: str | None, seeds: str, recipes_dir: str | None, overrides: tuple[
     from .demo import run_demo
 
     _setup_logging(quiet)
-    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    seed_list = parse_seeds(seeds)
     out = out or ("runs/detdemo" if task == "detection" else "runs/demo")
     click.echo(run_demo(out=Path(out), seeds=seed_list, recipes_dir=Path(recipes_dir) if recipes_dir else builtin_root(),
                         overrides=list(overrides), resume=resume, task=task))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as a list of non-negative integers; anything else is a UserError."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise UserError(f"--seeds must be comma-separated non-negative integers, e.g. 0,1,2; got {text!r}")
+    return [int(part) for part in parts]
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ class OptimConfig:
     # Micro-batches per optimiser step: the effective batch is batch size x accumulate; steps count
     # optimiser steps, so a step draws `accumulate` batches.
     accumulate: int = bounded(1, ge=1, example="2", note=" (1: no gradient accumulation)")
+    # Stop the phase (exit 1, the round not checkpointed) when a loss component passes this many times
+    # its running level, the median of its last 50 values but at least 1: healthy losses stay far
+    # below, a diverging run passes it within steps (null: stop on non-finite losses only).
+    divergence_factor: float | None = bounded(1000.0, gt=1, example="1000",
+                                              note=", or null to stop on non-finite losses only")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def srrs(
     iou = box_iou(final_boxes, boxes)  # [M, N]
     support = iou >= delta
     class_prob = probs.to(iou.dtype)[:, final_labels.long()].T  # [M, N]: P(c*_l | r_i)
-    total = (iou * class_prob * support).sum(dim=1)
+    total = torch.where(support, iou * class_prob, 0.0).sum(dim=1)  # a NaN candidate (NaN IoU) supports nothing
     count = support.sum(dim=1)
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
@@ -159,7 +159,7 @@ def srrs_per_class(
         raise ValueError(f"srrs_per_class: {boxes.shape[0]} boxes, {scores.shape[0]} scores, {labels.shape[0]} labels")
     iou = box_iou(final_boxes, boxes)  # [M, N]
     support = (iou >= delta) & (labels.reshape(1, -1) == final_labels.reshape(-1, 1))
-    total = (iou * scores.to(iou.dtype).reshape(1, -1) * support).sum(dim=1)
+    total = torch.where(support, iou * scores.to(iou.dtype).reshape(1, -1), 0.0).sum(dim=1)
     count = support.sum(dim=1)
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
@@ -231,6 +231,28 @@ def select_confident(
     """
     keep = scores >= threshold
     return boxes[keep], scores[keep], labels[keep]
+
+
+MIN_BOX_SIZE = 1.0  # pixels: the smallest side a pseudo-box may have
+
+
+def plausible_boxes(boxes: torch.Tensor, min_size: float = MIN_BOX_SIZE) -> torch.Tensor:
+    """Which boxes can be training targets: finite coordinates and both sides at least ``min_size``.
+
+    A diverged detector predicts boxes of zero area, inverted corners or NaN coordinates;
+    torchvision's detectors raise on a side <= 0 and turn NaN into a NaN loss, so such pseudo-boxes
+    are dropped before they reach them. Shape: boxes [N, 4] xyxy -> bool [N].
+    """
+    boxes = boxes.reshape(-1, 4)
+    sides = boxes[:, 2:] - boxes[:, :2]
+    return torch.isfinite(boxes).all(dim=1) & (sides >= min_size).all(dim=1)
+
+
+def keep_plausible(made: dict[str, torch.Tensor], min_size: float = MIN_BOX_SIZE) -> dict[str, torch.Tensor]:
+    """One image's pseudo-boxes (``boxes`` [K, 4] and other per-box tensors [K, ...]) without those
+    that :func:`plausible_boxes` rejects."""
+    keep = plausible_boxes(made["boxes"], min_size)
+    return {k: v[keep] for k, v in made.items()}
 
 
 def _descending_rank(conf_loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

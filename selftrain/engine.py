@@ -150,7 +150,7 @@ class Engine:
         optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
         meter = LossMeter()
         discriminators = DiscriminatorUpdate(self.terms, phase.terms) if self.terms.needs(phase.terms) else None
-        hooks = [FiniteGuard(), *([discriminators] if discriminators else []), meter]
+        hooks = [FiniteGuard(phase.optim.divergence_factor), *([discriminators] if discriminators else []), meter]
         if phase.target_use == "online":
             hooks.append(TeacherUpdate(self.teacher, self.adapter, offset=phase.progress_offset))
         runner = StepRunner(optimizer=optimizer, scheduler=make_scheduler(optimizer, phase.schedule, phase.steps),

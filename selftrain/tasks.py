@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import Augment, DetAugment, photometric
-from .detection import selection_summary
+from .detection import keep_plausible, selection_summary
 from .errors import DataError
 from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, miou_subset, voc_ap
 from .progress import progress
@@ -151,9 +151,12 @@ class DetectionTask:
 
     def online_step(self, adapter, teacher, policy, batch: dict[str, Any], *, device: str,
                     progress: float) -> StepOutputs:
-        """Teacher (the student for WST) labels the batch; the student learns from those boxes."""
+        """Teacher (the student for WST) labels the batch; the student learns from those boxes, less any
+        that no detector can train on (``selftrain.detection.plausible_boxes``: zero-area, inverted or
+        non-finite, as a diverged teacher makes them)."""
         images = self.images(batch, device)
-        made = policy.detections(teacher.predict(images), progress)
+        made = [keep_plausible({"boxes": m["boxes"], "labels": m["labels"]})
+                for m in policy.detections(teacher.predict(images), progress)]
         student = [photometric(im, normalised=False) for im in images] if policy.strong_augment else images
         targets = [{"boxes": m["boxes"].detach(), "labels": m["labels"].detach()} for m in made]
         return adapter.forward_train(student, targets, negatives=policy.negatives, box_loss=policy.box_loss)
@@ -174,7 +177,7 @@ class DetectionTask:
                 reliability = policy.reliability(pred)
                 values.append(reliability.detach().cpu())
                 per_class = per_class or pred.class_candidates is not None
-                m = {k: v.cpu() for k, v in policy.keep(pred, reliability, epsilon).items()}
+                m = {k: v.cpu() for k, v in keep_plausible(policy.keep(pred, reliability, epsilon)).items()}
                 counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
                 writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
                                      m["srrs"].numpy())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -28,12 +30,14 @@ from .types import StepBatch
 
 OPTIMISERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DIVERGENCE_FACTOR = 1e3  # FiniteGuard: a loss over 1000 x max(its running median, 1) stops the phase
 
 
 @dataclass(frozen=True)
 class OptimSpec:
     """An optimiser and how steps use it: ``clip_grad_norm`` (None: off) caps the global gradient
-    norm; ``accumulate`` micro-batches make one step (effective batch = batch size x accumulate)."""
+    norm; ``accumulate`` micro-batches make one step (effective batch = batch size x accumulate);
+    ``divergence_factor`` is :class:`FiniteGuard`'s (None: stop on non-finite losses only)."""
 
     name: str = "sgd"
     lr: float = 1e-4
@@ -43,6 +47,7 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
     clip_grad_norm: float | None = None
     accumulate: int = 1
+    divergence_factor: float | None = DIVERGENCE_FACTOR  # FiniteGuard's; None: stop on non-finite losses only
 
 
 def parameter_groups(adapter: Any, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
@@ -191,6 +196,7 @@ class StepRunner:
         self.scaler = precision.scaler()
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.last_losses: dict[str, torch.Tensor] = {}  # the last step's, detached; read only for progress records
+        self.desc = ""  # the phase being run, for messages (``run``'s ``desc``)
 
     def autocast(self) -> ContextManager[Any]:
         return self.precision.autocast()
@@ -201,6 +207,7 @@ class StepRunner:
 
     def run(self, step_fn: Callable[[int], StepResult], *, steps: int, start: int = 0, desc: str) -> None:
         """Steps ``start`` .. ``steps - 1``."""
+        self.desc = desc
         for step in progress(range(start, steps), desc=desc, unit="step", total=steps, initial=start,
                              losses=self._last_loss_values):
             self.last_losses = self.step(step_fn, step)
@@ -253,14 +260,65 @@ class StepRunner:
 
 
 class FiniteGuard(HookBase):
-    """Stop on a non-finite loss before the optimiser steps, printing every component (the
-    torchvision references do the same). One host sync per micro-batch."""
+    """Stop a phase on a non-finite or diverged loss, before the optimiser steps, with every
+    component, the step and the phase in the message (the torchvision references stop on a
+    non-finite loss the same way). One host sync per micro-batch: the components are copied to the
+    host together and checked there.
+
+    Divergence: a component whose magnitude exceeds ``divergence_factor`` x its running level, the
+    median of its last ``window`` values floored at ``floor``. A median ignores the odd hard batch
+    that an average would follow; the floor keeps a converged loss (1e-4) from turning a normal
+    batch (0.5) into a thousandfold jump, since the task losses are means of per-sample terms of
+    order one (cross-entropy of a random model is log C). With the defaults a loss stops the phase
+    when it passes 1000 x max(its median, 1): SGD at a learning rate of 1e6 reaches 1e16 in a round,
+    while no shipped recipe comes near. A component is checked from its second value on (the first
+    sets its level), so a few-step phase is covered too. ``divergence_factor`` None: non-finite only.
+    """
+
+    def __init__(self, divergence_factor: float | None = DIVERGENCE_FACTOR, *, window: int = 50,
+                 floor: float = 1.0) -> None:
+        if divergence_factor is not None and divergence_factor <= 1:
+            raise ValueError(f"divergence_factor must be > 1 (or None to check only for non-finite losses), "
+                             f"got {divergence_factor}")
+        self.divergence_factor, self.window, self.floor = divergence_factor, window, floor
+        self.history: dict[str, deque[float]] = {}
 
     def after_backward(self, runner: StepRunner, step: int, result: StepResult) -> None:
-        values = torch.stack([v.detach().float().reshape(()) for v in result.losses.values()])
-        if not bool(torch.isfinite(values).all()):
-            shown = ", ".join(f"{k}={v.item():.4g}" for k, v in result.losses.items())
-            raise FloatingPointError(f"non-finite loss at step {step}: {shown}")
+        names = list(result.losses)
+        if not names:
+            return
+        values = torch.stack([v.detach().float().reshape(()) for v in result.losses.values()]).tolist()
+        losses = dict(zip(names, values))
+        where = f"at step {step} ({runner.desc})" if runner.desc else f"at step {step}"
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"non-finite loss {where}: {_shown(losses)}")
+        if self.divergence_factor is not None:
+            self._check(losses, where)
+        for k, v in losses.items():
+            self.history.setdefault(k, deque(maxlen=self.window)).append(v)
+
+    def level(self, name: str) -> float | None:
+        """The running level of component ``name``: the median of its recent values, at least ``floor``."""
+        seen = self.history.get(name)
+        return max(statistics.median(seen), self.floor) if seen else None
+
+    def _check(self, losses: dict[str, float], where: str) -> None:
+        for k, v in losses.items():
+            level = self.level(k)
+            if level is not None and abs(v) > self.divergence_factor * level:
+                raise FloatingPointError(
+                    f"loss diverged {where}: {k}={v:.4g} is over {self.divergence_factor:g} x its running level "
+                    f"{level:.4g}; losses: {_shown(losses)}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {k: deque(v, maxlen=self.window) for k, v in state.get("history", {}).items()}
+
+
+def _shown(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
 
 
 class LossMeter(HookBase):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..detection import (ablation_switches, check_negatives, default_threshold, epsilon_schedule, keep_by_srrs,
-                         prediction_srrs, select_confident)
+                         keep_plausible, plausible_boxes, prediction_srrs, select_confident)
 from ..types import DetPrediction, SegPseudoLabels
 
 
@@ -46,16 +46,18 @@ class _Online:
 
 
 def confident_boxes(pred: DetPrediction, scores: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
-    """The pseudo-boxes of one image by score (``selftrain.detection.select_confident``): ``boxes`` [K, 4],
+    """The pseudo-boxes of one image by score (``selftrain.detection.select_confident``), without the
+    boxes no detector can train on (``selftrain.detection.plausible_boxes``): ``boxes`` [K, 4],
     ``labels``, ``scores`` [K] and ``srrs`` [K] of NaN. Shape: scores [M], the final detections' scores."""
     boxes, kept, labels = select_confident(pred.boxes, scores, pred.labels, epsilon)
-    return {"boxes": boxes, "labels": labels, "scores": kept, "srrs": torch.full_like(kept, math.nan)}
+    return keep_plausible({"boxes": boxes, "labels": labels, "scores": kept, "srrs": torch.full_like(kept, math.nan)})
 
 
 def reliable_boxes(pred: DetPrediction, srrs_values: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
-    """The pseudo-boxes of one image by SRRS (``selftrain.detection.keep_by_srrs``): ``boxes`` [K, 4],
-    ``labels``, ``scores``, ``srrs`` [K]. Shape: srrs_values [M] over the final detections."""
-    keep = keep_by_srrs(srrs_values, epsilon)
+    """The pseudo-boxes of one image by SRRS (``selftrain.detection.keep_by_srrs``), without the boxes
+    no detector can train on: ``boxes`` [K, 4], ``labels``, ``scores``, ``srrs`` [K].
+    Shape: srrs_values [M] over the final detections."""
+    keep = keep_by_srrs(srrs_values, epsilon) & plausible_boxes(pred.boxes)
     return {"boxes": pred.boxes[keep], "labels": pred.labels[keep], "scores": pred.scores[keep],
             "srrs": srrs_values[keep]}
 

@@ -242,3 +242,18 @@ def test_list_and_evaluate(tiny_recipe, tmp_path):
     assert code == 0 and "mIoU" in output
     code, output = run_cli("evaluate", str(tiny_recipe), "--checkpoint", str(tmp_path / "none.pt"))
     assert code == 2 and "does not exist" in output
+
+
+def test_divergence_stops_before_the_round_is_checkpointed(tiny_recipe, tmp_path):
+    """SGD at a learning rate of 1e6 reaches losses of 1e16 in round 1 without a NaN: the guard stops
+    the round at the jump, so round 1 is never checkpointed nor recorded."""
+    out = tmp_path / "run"
+    code, output = run_cli("run", str(tiny_recipe), "--out", str(out), "--set", "rounds.optim.lr=1.0e+6")
+    assert code == 1
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in output
+    assert "loss diverged at step " in errors[0] and "(round 1: fine-tune)" in errors[0] and "src/ce=" in errors[0]
+    assert errors[0].endswith("lower the learning rate or check the labels")
+    assert (out / "checkpoints" / "round_000.pt").is_file() and not (out / "checkpoints" / "round_001.pt").exists()
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["round"] == 0
+    assert [r["round"] for r in records(out)] == [0]
