@@ -303,7 +303,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     except OSError:  # a name too long for the file system, for one
         exists = False
     if not exists:
-        raise ConfigError(f"recipe {_show(str(path))} does not exist; pass the path of a YAML recipe "
+        raise ConfigError(f"recipe {str(path)!r} does not exist; pass the path of a YAML recipe "
                           "(see recipes/README.md)")
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path} extends itself through {' -> '.join(map(str, seen))}")

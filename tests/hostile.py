@@ -639,9 +639,6 @@ add("run-resume-other-recipe-set", "run", (*RUN, "--resume", "--set", "source_tr
 add("run-resume-metrics-garbage", "run", (*RUN, "--resume"),
     copied_run(_then(_cut_last_round, lambda r: (r / "metrics.jsonl").write_text('{"round": 0,\nnot json\n'))),
     ("metrics.jsonl",))
-add("run-resume-metrics-binary", "run", (*RUN, "--resume"),
-    copied_run(_then(_cut_last_round, lambda r: (r / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\x01" * 50))),
-    ("metrics.jsonl",))
 add("run-resume-config-garbage", "run", (*RUN, "--resume"),
     copied_run(_then(_cut_last_round, lambda r: (r / "config.yaml").write_text("rounds: [unclosed\n"))),
     ("config.yaml",))
@@ -890,7 +887,7 @@ def _good_prior_and_file(env: Env) -> dict[str, str]:
 
 
 add("prior-show-out-under-file", "prior", ("priors", "show", "{prior}", "--out", "{file}/heat.png"),
-    _good_prior_and_file, ("heat.png",))
+    _good_prior_and_file, ("/file",))
 add("prior-show-class-names-count", "prior", ("priors", "show", "{prior}", "--out", "{tmp}/h.png", "--class-names",
                                               "a,b"), _good_prior_and_file, ("class",))
 
@@ -907,7 +904,7 @@ for _id, _extra, _contains in [
 ]:
     add(f"prior-build-{_id}", "prior", (*BUILD, *_extra), _prior_build_recipe, _contains)
 add("prior-build-out-under-file", "prior", ("priors", "build", "--dataset", "{recipe}", "--out", "{file}/p.npz"),
-    _prior_build_recipe, ("p.npz",))
+    _prior_build_recipe, ("/file",))
 add("prior-build-unknown-dataset", "prior", ("priors", "build", "--dataset", "no_such_set", "--out", "{tmp}/p.npz"),
     nothing, ("no_such_set",))
 add("prior-build-missing-root", "prior", ("priors", "build", "--dataset", "gta5", "--root", "{tmp}/none",
@@ -992,7 +989,7 @@ CLI: list[tuple[str, tuple[str, ...], Setup, tuple[str, ...], tuple[str, ...]]] 
     ("show-grid-negative", ("labels", "show", "{run}", "--round", "1", "--grid", "-2", "--out", "{tmp}/o.png"),
      copied_run(), ("grid",), ()),
     ("show-out-under-file", ("labels", "show", "{run}", "--round", "1", "--index", "0", "--out", "{file}/o.png"),
-     _run_and_file, ("o.png",), ()),
+     _run_and_file, ("/file",), ()),
     ("show-out-is-folder", ("labels", "show", "{run}", "--round", "1", "--index", "0", "--out", "{tmp}"),
      copied_run(), ("out",), ()),
     ("show-missing-round", ("labels", "show", "{run}", "--index", "0", "--out", "{tmp}/o.png"), copied_run(),
