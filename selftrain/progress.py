@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 T = TypeVar("T")
 _QUIET = False
 DEFAULT_SECONDS = 60.0
@@ -60,8 +62,9 @@ def record_seconds() -> float:
         seconds = float(raw) if raw.strip() else DEFAULT_SECONDS
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"SELFTRAIN_PROGRESS_SECONDS must be a positive number of seconds, got {raw!r}")
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"SELFTRAIN_PROGRESS_SECONDS must be a positive number of seconds, got {raw!r}; "
+                        "e.g. SELFTRAIN_PROGRESS_SECONDS=600, or unset it for one record a minute")
     return seconds
 
 

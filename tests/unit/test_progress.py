@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import selftrain.progress as progress_mod
+from selftrain.errors import UserError
 from selftrain.progress import duration, format_record, progress, record_seconds
 from selftrain.training import HookBase, StepResult, StepRunner, make_scheduler
 
@@ -141,9 +142,9 @@ def test_step_runner_records_show_the_last_steps_losses(clock, capsys):
 
 
 def test_a_bad_interval_is_an_error_that_names_the_variable(monkeypatch):
-    for bad in ("0", "-5", "soon"):
+    for bad in ("0", "-5", "soon", "inf", "nan"):
         monkeypatch.setenv("SELFTRAIN_PROGRESS_SECONDS", bad)
-        with pytest.raises(ValueError, match=f"SELFTRAIN_PROGRESS_SECONDS .* got '{bad}'"):
+        with pytest.raises(UserError, match=f"SELFTRAIN_PROGRESS_SECONDS .* got '{bad}'"):
             record_seconds()
     monkeypatch.delenv("SELFTRAIN_PROGRESS_SECONDS")
     assert record_seconds() == 60.0
