@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selftrain.errors import DataError
+from selftrain.errors import ConfigError, DataError
 from selftrain.types import SegPrediction, StepOutputs
 
 from .registry import ADAPTERS
@@ -39,8 +39,10 @@ class SegmentationAdapter:
     task = "segmentation"
 
     def __init__(self, *, model: nn.Module, num_classes: int, ignore_index: int = 255,
-                 channels_last: bool = False, head: nn.Module | None = None) -> None:
+                 channels_last: bool = False, head: nn.Module | None = None, input_multiple: int = 1) -> None:
         self.model = model
+        # Image sides must be multiples of this (smp encoders: their output stride, 32 for ResNets).
+        self.input_multiple = input_multiple
         self.head = head  # the layers on top of the pretrained backbone (``head_parameters``)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -96,6 +98,7 @@ class SegmentationAdapter:
         return StepOutputs(losses=losses, logits=logits, features={})
 
     def _network(self, images: torch.Tensor) -> torch.Tensor:
+        check_input_size(tuple(images.shape[-2:]), self.input_multiple)
         return self.model(images.contiguous(memory_format=self.memory_format))
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,6 +109,17 @@ class SegmentationAdapter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def check_input_size(size: tuple[int, int], multiple: int, what: str = "an image of") -> None:
+    """ConfigError unless both sides of ``size`` (H, W) are multiples of ``multiple``, naming the
+    nearest sizes that are."""
+    h, w = size
+    if multiple > 1 and (h % multiple or w % multiple):
+        up = [-(-side // multiple) * multiple for side in (h, w)]
+        raise ConfigError(f"{what} {h}x{w} does not fit the model, whose encoder needs sides divisible by "
+                          f"{multiple}; set augment.crop to multiples of {multiple}, e.g. [{up[0]}, {up[1]}], or "
+                          "resize the data set (its resize option)")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -160,8 +174,10 @@ def _register_smp(name: str, arch: str, default_encoder: str) -> None:
               encoder_weights: str | None = None, channels_last: bool = False, **options: Any) -> SegmentationAdapter:
         model = _smp_model(arch, num_classes=num_classes, encoder=encoder,
                            encoder_weights=encoder_weights, **options)
+        multiple = model.encoder.output_stride if getattr(model, "requires_divisible_input_shape", True) else 1
         return SegmentationAdapter(model=model, num_classes=num_classes, ignore_index=ignore_index,
-                                   channels_last=channels_last, head=model.segmentation_head)
+                                   channels_last=channels_last, head=model.segmentation_head,
+                                   input_multiple=int(multiple))
 
     build.__doc__ = f"segmentation-models-pytorch {arch} (encoder {default_encoder} by default)."
     ADAPTERS.register(name, task="segmentation")(build)

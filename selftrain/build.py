@@ -62,6 +62,11 @@ def build_adapter(cfg: RunConfig) -> Any:
         adapter = builder(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"model.options do not fit adapter {cfg.model.name}: {exc}") from None
+    multiple = getattr(adapter, "input_multiple", 1)
+    if cfg.augment.crop is not None and multiple > 1:  # found now, before the run folder exists
+        from selftrain.adapters.segmentation import check_input_size
+
+        check_input_size(tuple(cfg.augment.crop), multiple, what=f"augment.crop {list(cfg.augment.crop)}: a crop of")
     for key, optim in (("source_training", cfg.source_training.optim), ("rounds", cfg.rounds.optim)):
         try:
             parameter_groups(adapter, optim.head_lr_mult)
