@@ -312,6 +312,11 @@ recipe_case("range-losses[0].phases", {"losses": [{"name": "output_space", "phas
 recipe_case("huge-data.num_classes", {"data": {"num_classes": 10**30, "class_names": None}}, ("data.num_classes",))
 recipe_case("huge-source_training.batch_size", {"source_training": {"batch_size": 10**30}},
             ("source_training.batch_size",))
+recipe_case("range-rounds.optim.divergence_factor=1", {"rounds": {"optim": {"divergence_factor": 1}}},
+            ("rounds.optim.divergence_factor",))
+recipe_case("crop-not-a-multiple-of-the-encoder-stride",
+            {"model": {"name": "smp_deeplabv3plus", "options": {"encoder": "resnet18"}}, "augment": {"crop": [60, 100]}},
+            ("augment.crop",), drop=("model.options.width",))
 recipe_case("huge-eval.batch_size-float", {"eval": {"batch_size": 1e300}}, ("eval.batch_size",))
 recipe_case("huge-data.source.options.height", {"data": {"source": {"options": {"height": 10**30}}}}, ("height",))
 for _name in ["../../x", "/abs/x", "", "a/b", ".", ".."]:
