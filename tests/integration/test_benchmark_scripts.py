@@ -52,6 +52,7 @@ THRESHOLDS = REPO / "benchmarks" / "thresholds.py"
 LOGIT_CACHE = REPO / "benchmarks" / "logit_cache.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", [False, True])
 def test_threshold_benchmark_finds_identical_thresholds_in_less_memory(monkeypatch, capsys, prior):
     run_script(monkeypatch, THRESHOLDS, "--maps", "2", "12", "--height", "32", "--width", "64",

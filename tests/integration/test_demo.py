@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from selftrain.cli import main
@@ -24,6 +25,7 @@ def demo(out: Path | None, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_detection_demo_runs_every_policy_and_reuses_finished_runs(tmp_path, monkeypatch):
     sets = [a for s in DET_TINY for a in ("--set", s)]
     monkeypatch.chdir(tmp_path)

@@ -62,6 +62,7 @@ def assert_same_result(full: Path, part: Path) -> None:
 
 # -- one process per run folder ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_process_on_a_live_run_is_refused_and_the_first_finishes(tiny_recipe, tmp_path, full_run):
     """The first run is held while it writes round 1's pseudo-labels (its scratch files on disk)."""
     out = tmp_path / "live"
@@ -215,6 +216,7 @@ def small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_resumed_run_is_exact(tiny_recipe, tmp_path, full_run):
     part = tmp_path / "part"
     args = [sys.executable, "-m", "selftrain.cli", "run", str(tiny_recipe), "--out", str(part), "--quiet", *ONE_ROUND]
