@@ -10,6 +10,8 @@ import logging
 import os
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,26 +205,33 @@ def test_the_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
 
 # -- failed writes -------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_files():
-    """Writes past 4 KiB fail with EFBIG, as on a full disk (SIGXFSZ ignored meanwhile)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
+def _small_files() -> None:
+    """In the child only: writes past 4 KiB fail with EFBIG, as on a full disk (SIGXFSZ ignored). The
+    limit would also stop the test runner's own log once it passes 4 KiB, so it never applies here."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_loses_nothing(tmp_path, small_files):
+WRITE = """
+import sys, torch
+from pathlib import Path
+from selftrain.checkpoint import WriteError, save_state
+path = Path(sys.argv[1])
+try:
+    save_state(path, {"model": {"w": torch.zeros(10_000)}})
+except WriteError as exc:
+    print(exc, exc.path == path, sep="\\n")
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_loses_nothing(tmp_path):
     path = tmp_path / "checkpoints" / "round_001.pt"
     path.parent.mkdir()
     path.write_bytes(b"the old one")
-    with pytest.raises(WriteError) as exc:
-        save_state(path, {"model": {"w": torch.zeros(10_000)}})
-    assert str(exc.value).startswith(f"cannot write {path}: File too large;") and exc.value.path == path
+    child = subprocess.run([sys.executable, "-c", WRITE, str(path)], capture_output=True, text=True, timeout=300,
+                           preexec_fn=_small_files)
+    message, same_path = child.stdout.splitlines()
+    assert message.startswith(f"cannot write {path}: File too large;") and same_path == "True", child.stderr
     assert path.read_bytes() == b"the old one" and sorted(p.name for p in path.parent.iterdir()) == ["round_001.pt"]
 
 
