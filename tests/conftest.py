@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,16 @@ rounds: {{count: 2, steps: 3, batch_source: 2, batch_target: 2}}
 eval: {{batch_size: 4}}
 pseudo_batch_size: 5
 """
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI configures the ``selftrain`` logger; leave it as it was for the tests that follow
+    (modules whose commands configure it use this for every test: ``pytest.mark.usefixtures``)."""
+    logger = logging.getLogger("selftrain")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ share of the labelled pixels each class holds. Labels outside ``[0, num_classes)
 than their image are errors, as in a run.
 
 Detection recipes are checked box by box (:func:`check_boxes`): every box must be finite, of positive
-area, inside its image (the size read from the image file's header, or from the rendered image) and
+area, inside its image (the size of the decoded image file, or of the rendered image) and
 labelled ``1..num_classes``; the report counts boxes per class, and difficult boxes apart.
 """
 
@@ -23,7 +23,7 @@ from ..config import RunConfig
 from ..errors import DataError
 from ..progress import progress
 from . import build_split, class_names
-from .datasets import check_label, header_size, read_image
+from .datasets import check_label, read_image
 
 
 @dataclass
@@ -90,12 +90,8 @@ def decode_image(dataset: Any, index: int) -> tuple[int, int] | None:
     return None if path is None else read_image(path, mode="RGB").shape[:2]
 
 
-def image_size(dataset: Any, index: int) -> tuple[int, int]:
-    """(H, W) of image ``index``: from its file's header, or from the pixels when it is rendered in memory."""
-    image_path = getattr(dataset, "image_path", None)
-    path = image_path(index) if image_path is not None else None
-    if path is not None:
-        return header_size(path)
+def rendered_size(dataset: Any, index: int) -> tuple[int, int]:
+    """(H, W) of image ``index`` of a data set that renders its images in memory (no file to decode)."""
     return tuple(int(s) for s in dataset[index]["image"].shape[-2:])
 
 
@@ -129,12 +125,12 @@ def count_boxes(dataset: Any, *, role: str, name: str, num_classes: int, limit: 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     counts, labelled, difficult = np.zeros(num_classes, dtype=np.int64), 0, 0
     for i in progress(range(n), desc=f"{role}: boxes", unit="img"):
-        decode_image(dataset, i)
+        size = decode_image(dataset, i)
         target = dataset.ground_truth(i)
         if target is None:
             continue
         where = f"{role} image {i} ({dataset.ids[i]})" if hasattr(dataset, "ids") else f"{role} image {i}"
-        labels = check_boxes(target, image_size(dataset, i), num_classes, where)
+        labels = check_boxes(target, size or rendered_size(dataset, i), num_classes, where)
         counts += np.bincount(labels - 1, minlength=num_classes)
         labelled += 1
         difficult += int(np.asarray(target.get("difficult", np.zeros(0, bool))).astype(bool).sum())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +46,7 @@ def fixtures(tmp_path):
     return recipe, gta, cs
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI configures the ``selftrain`` logger; leave it as it was for the tests that follow."""
-    logger = logging.getLogger("selftrain")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def invoke(*args: str):

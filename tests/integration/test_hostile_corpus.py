@@ -4,7 +4,6 @@ undamaged, is accepted, so that a case fails for its one fault and not for the f
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -15,13 +14,7 @@ from hostile import CASES, Env, base_recipe, copied_run, det_data, seg_data, sna
 from selftrain.cli import main
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI configures the ``selftrain`` logger; leave it as it was for the tests that follow."""
-    logger = logging.getLogger("selftrain")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="session")

@@ -32,13 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 IDS = [f"target_train_{i:05d}" for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """``data check`` configures the ``selftrain`` logger; leave it as it was for the tests that follow."""
-    logger = logging.getLogger("selftrain")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def write_round(path: Path, r: int, recipe: str, *, num_classes: int = 10, names=STREET_CLASSES, seed: int = 0) -> None:
