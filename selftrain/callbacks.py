@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from .checkpoint import RunDir, writing
 from .io import append_line, write_text_atomic
 from .metrics import headline
+from .types import RoundLabels
 
 log = logging.getLogger("selftrain.report")
 
@@ -90,14 +91,14 @@ def scalars(record: dict[str, Any], class_names: Sequence[str]) -> dict[str, flo
             out[f"eval/{key}"] = float(evaluation[key])
     per_class = evaluation.get("iou") or evaluation.get("ap") or []
     out.update({f"eval/class/{n}": float(v) for n, v in zip(class_names, per_class) if v is not None})
-    pseudo = record.get("pseudo") or {}
-    if pseudo:
-        total = max(sum(pseudo["selected_pixels"]), 1)
-        if pseudo.get("selected_share") is not None:
-            out["pseudo/selected_share"] = float(pseudo["selected_share"])
-        out.update({f"pseudo/share/{n}": v / total for n, v in zip(class_names, pseudo["selected_pixels"])})
-        out.update({f"pseudo/threshold/{n}": float(t) for n, t in zip(class_names, pseudo["thresholds"])})
-        out.update({f"pseudo/precision/{n}": float(p) for n, p in zip(class_names, pseudo.get("precision") or [])
+    if record.get("pseudo"):
+        pseudo = RoundLabels.from_dict(record["pseudo"])
+        total = max(sum(pseudo.selected), 1)
+        if pseudo.selected_share is not None:
+            out["pseudo/selected_share"] = float(pseudo.selected_share)
+        out.update({f"pseudo/share/{n}": v / total for n, v in zip(class_names, pseudo.selected)})
+        out.update({f"pseudo/threshold/{n}": float(t) for n, t in zip(class_names, pseudo.class_thresholds())})
+        out.update({f"pseudo/precision/{n}": float(p) for n, p in zip(class_names, pseudo.precision or [])
                     if p is not None})
     return out
 
@@ -122,20 +123,21 @@ def format_round(record: dict[str, Any], class_names: Sequence[str]) -> str:
     if "eval" in record:
         metric, value, _ = headline(record["eval"])
         head += f"  target {metric} {value:.1f}"
-    pseudo = record.get("pseudo")
-    if not pseudo:
+    if not record.get("pseudo"):
         return head + "  (source only)"
-    if pseudo.get("selected_share") is not None:
-        head += f"  portion {record['portion']:.2f}  selected {100 * pseudo['selected_share']:.1f}% of pixels"
+    pseudo = RoundLabels.from_dict(record["pseudo"])
+    if pseudo.selected_share is not None:
+        head += f"  portion {record['portion']:.2f}  selected {100 * pseudo.selected_share:.1f}% of pixels"
     else:
-        head += f"  {sum(pseudo['selected_pixels'])} labels stored (online)"
+        head += f"  {sum(pseudo.selected)} labels stored (online)"
     rows = [f"  {'class':<14}{'threshold':>10}{'share %':>9}{'precision':>10}"]
-    total = max(sum(pseudo["selected_pixels"]), 1)
-    precision = pseudo.get("precision") or [None] * len(class_names)
+    total = max(sum(pseudo.selected), 1)
+    precision = pseudo.precision or [None] * len(class_names)
+    thresholds = pseudo.class_thresholds()
     for c, name in enumerate(class_names):
         prec = "-" if precision[c] is None else f"{100 * precision[c]:.1f}"
-        share = 100 * pseudo["selected_pixels"][c] / total
-        rows.append(f"  {name:<14}{pseudo['thresholds'][c]:>10.4f}{share:>9.2f}{prec:>10}")
+        share = 100 * pseudo.selected[c] / total
+        rows.append(f"  {name:<14}{thresholds[c]:>10.4f}{share:>9.2f}{prec:>10}")
     return "\n".join([head, *rows])
 
 

@@ -21,6 +21,7 @@ from .build import build_engine
 from .config import load_recipe
 from .io import write_text_atomic
 from .priorbuild import build_prior_command
+from .types import RoundLabels
 
 log = logging.getLogger(__name__)
 POLICIES = ("st", "cbst", "cbst_sp")
@@ -73,7 +74,7 @@ def run_detection_demo(*, out: Path, seeds: Sequence[int], recipes_dir: Path, ov
         for name, recipe in DETECTION_RECIPES.items():
             runs[name] = _run(recipes_dir / recipe, common + start, root / name, resume)
         rows += [{"seed": seed, "method": m, "map_per_round": [r["eval"]["map"] for r in recs if "eval" in r],
-                  "boxes_per_round": [sum(r["pseudo"]["selected_pixels"]) for r in recs if "pseudo" in r],
+                  "boxes_per_round": [sum(RoundLabels.from_dict(r["pseudo"]).selected) for r in recs if "pseudo" in r],
                   "precision_per_round": [r["pseudo"].get("precision_overall") for r in recs if "pseudo" in r]}
                  for m, recs in runs.items()]
     summary = {"rows": rows}
@@ -168,7 +169,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def _shares(records: list[dict[str, Any]]) -> list[float] | None:
     for r in records:
         if "pseudo" in r:
-            sel = r["pseudo"]["selected_pixels"]
+            sel = RoundLabels.from_dict(r["pseudo"]).selected
             return [100.0 * v / max(sum(sel), 1) for v in sel]
     return None
 

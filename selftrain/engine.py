@@ -26,10 +26,10 @@ from .data.transforms import PseudoLabeled
 from .losses import DiscriminatorUpdate, LossTerms
 from .phases import (Phase, Plan, RoundSpec, RunData, mined_classes, open_streams, round_phase, source_phase,
                      step_function)
-from .pseudo import label_target
-from .store import PseudoLabelWriter, open_round, written_by
-from .tasks import StoredLabels
+from .pseudo import label_round
+from .store import RoundMeta, open_round, written_by
 from .teachers import TeacherUpdate, make_teacher
+from .types import RoundLabels
 from .training import (FiniteGuard, LossMeter, Precision, StepRunner, make_optimizer, make_scheduler,
                        parameter_groups, seed_everything)
 
@@ -108,7 +108,7 @@ class Engine:
             labeling = state["labeling"]
         else:
             with self.precision.autocast():
-                labeling = self._label(spec).to_dict()
+                labeling = self._label(spec, self.adapter, portion=spec.portion, checkpoint_round=spec.index - 1).to_dict()
             state = None
             save_state(self.run_dir.step, self._state(spec.index, 0, labeling=labeling))
             _warn_if_empty(spec, labeling)
@@ -116,7 +116,7 @@ class Engine:
                         expect_num_classes=self.data.num_classes, expect_class_names=list(self.data.class_names),
                         expect_round=spec.index, expect_recipe=self.recipe_yaml) as reader:
             mined = self.task.augment(PseudoLabeled(self.data.target, reader),
-                                      mined_classes(self.plan.mining, labeling["predicted_pixels"]))
+                                      mined_classes(self.plan.mining, RoundLabels.from_dict(labeling).predicted))
             phase = self._round_phase(spec, mined, "supervised", f"round {spec.index}: fine-tune")
             losses = self._train(phase, state if state and state["step"] > 0 else None, labeling=labeling)
         self._finish_round(spec.index, {"phase": "self_training", "portion": spec.portion, "lr": spec.lr,
@@ -131,10 +131,10 @@ class Engine:
         phase = self._round_phase(spec, self.task.augment(self.data.target), "online", f"round {spec.index}: online")
         losses = self._train(phase, state)
         with self.precision.autocast():
-            stored = self._store_online(spec, progress_value=phase.progress(spec.steps))
+            stored = self._label(spec, self.teacher, portion=1.0, checkpoint_round=spec.index,
+                                 progress=phase.progress(spec.steps))
         self._finish_round(spec.index, {"phase": "online", "lr": spec.lr, "source_share": spec.source_share,
-                                        "steps": spec.steps, "losses": losses,
-                                        "pseudo": stored.record(float(self.policy.threshold))})
+                                        "steps": spec.steps, "losses": losses, "pseudo": stored.to_dict()})
 
     def _round_phase(self, spec: RoundSpec, target: Dataset, use: str, desc: str) -> Phase:
         return round_phase(spec, self.plan, task=self.task, data=self.data, target=target, use=use, desc=desc,
@@ -182,28 +182,22 @@ class Engine:
 
     # -- labels ----------------------------------------------------------------------------------
 
-    def _writer(self, spec: RoundSpec, portion: float, checkpoint_round: int) -> PseudoLabelWriter:
-        return PseudoLabelWriter(
-            self.run_dir.pseudo(spec.index), task=self.task.name, round=spec.index, policy=self.policy.name,
-            portion=portion, num_classes=self.data.num_classes, class_names=list(self.data.class_names),
-            ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
-            checkpoint=str(self.run_dir.checkpoint(checkpoint_round)),
-        )
-
-    def _label(self, spec: RoundSpec):
-        with writing(self.run_dir.pseudo(spec.index), among_reads=True), \
-                self._writer(spec, spec.portion, spec.index - 1) as writer:
-            return label_target(
-                adapter=self.adapter, policy=self.policy, dataset=self.data.target, portion=spec.portion,
-                writer=writer, scratch=writer.path.with_suffix(".logits.tmp"), batch_size=self.data.pseudo_batch,
-                device=self.device, ignore_index=self.data.ignore_index, tta=self.data.pseudo_tta,
-            )
-
-    def _store_online(self, spec: RoundSpec, progress_value: float) -> StoredLabels:
-        """Write the round's labels for every target image; their counts (and precision) per class."""
-        with writing(self.run_dir.pseudo(spec.index), among_reads=True), self._writer(spec, 1.0, spec.index) as writer:
-            return self.task.write_online(self.teacher, self.policy, self.data.target, writer, device=self.device,
-                                          progress_value=min(progress_value, 1.0))
+    def _label(self, spec: RoundSpec, model: Any, *, portion: float, checkpoint_round: int,
+               progress: float = 1.0) -> RoundLabels:
+        """Label the target set with ``model`` (the adapter offline, the teacher online) into the
+        round's file; what was stored, per class."""
+        path = self.run_dir.pseudo(spec.index)
+        meta = RoundMeta(task=self.task.name, round=spec.index, policy=self.policy.name, portion=portion,
+                         num_classes=self.data.num_classes, class_names=list(self.data.class_names),
+                         ignore_index=self.data.ignore_index, recipe=self.recipe_yaml,
+                         checkpoint=str(self.run_dir.checkpoint(checkpoint_round)))
+        labeller = self.task.labeller(self.policy, portion=portion, progress=progress, device=self.device)
+        offline = bool(self.policy.offline)
+        with writing(path, among_reads=True):
+            return label_round(
+                labeller, lambda part, scratch: self.task.predictions(model, part, scratch, device=self.device,
+                                                                      offline=offline),
+                self.task.sink, dataset=self.data.target, batch_size=self.data.pseudo_batch, meta=meta, path=path)
 
     # -- evaluation, checkpoints, resume ---------------------------------------------------------
 
@@ -255,7 +249,7 @@ class Engine:
 
 def _warn_if_empty(spec: RoundSpec, labeling: dict[str, Any]) -> None:
     """A round whose pseudo-labels are all ignored fine-tunes on source images alone: say so."""
-    if sum(labeling["selected_pixels"]) == 0:
+    if sum(RoundLabels.from_dict(labeling).selected) == 0:
         log.warning("round %d: no target pixel passed the thresholds (its pseudo-labels are all ignored), so the "
                     "round learns nothing from the target set; raise rounds.portion (%g this round) or train round 0 "
                     "longer", spec.index, spec.portion)

@@ -25,6 +25,7 @@ from .errors import StoreError, UserError
 from .metrics import bincount_skipping, headline
 from .progress import progress
 from .store import RoundReader, open_round
+from .types import RoundLabels
 
 log = logging.getLogger(__name__)
 _RESTORE = "restore it or rerun with --resume"
@@ -171,6 +172,8 @@ def _pseudo_checked(run: RunDir, r: int, record: dict[str, Any], reader: RoundRe
     per class of ``reader``; a UserError naming the round otherwise."""
     pseudo, num_classes = record.get("pseudo") or {}, reader.meta["num_classes"]
     problem = None
+    if "threshold" in pseudo and pseudo["threshold"] is not None and not _is_number(pseudo["threshold"]):
+        problem = "pseudo.threshold is not a number"
     for key in ("thresholds", "precision"):
         values = pseudo.get(key)
         if values is not None and not (isinstance(values, list) and len(values) == num_classes
@@ -201,7 +204,7 @@ def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = 
     meta, pseudo = reader.meta, record.get("pseudo") or {}
     counts, share = _counts(reader, recount)
     # offline policies store their thresholds in the file, online ones only in metrics.jsonl
-    stored = reader.thresholds if reader.thresholds is not None else pseudo.get("thresholds")
+    stored = reader.thresholds if reader.thresholds is not None else _record_thresholds(pseudo, reader)
     thresholds = None if stored is None else [float(t) for t in stored]
     if thresholds is not None and all(math.isnan(t) for t in thresholds):
         thresholds = None
@@ -212,6 +215,16 @@ def round_stats(reader: RoundReader, record: dict[str, Any], *, recount: bool = 
         thresholds=thresholds, precision=pseudo.get("precision"), precision_overall=pseudo.get("precision_overall"),
         metric=metric, score=score, selection=pseudo.get("selection"),
     )
+
+
+def _record_thresholds(pseudo: dict[str, Any], reader: RoundReader) -> list[float] | None:
+    """An online round's thresholds as its record gives them (one per class)."""
+    if not pseudo:
+        return None
+    labels = RoundLabels.from_dict(pseudo)
+    if labels.thresholds is None and labels.threshold is None:
+        return None
+    return labels.thresholds if labels.thresholds is not None else [labels.threshold] * int(reader.meta["num_classes"])
 
 
 def count_labels(reader: RoundReader, *, block: int = 16) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .io import atomic_path
 from .metrics import headline
+from .types import RoundLabels
 from .overlay import palette_for
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,13 @@ def _eval_fits(entry: dict[str, Any], num_classes: int) -> bool:
 
 
 def _pseudo_fits(entry: dict[str, Any], num_classes: int) -> bool:
-    counts = entry.get("selected_pixels")
-    return _numbers(counts, num_classes) and None not in counts and _numbers(entry.get("thresholds"), num_classes)
+    counts = entry.get("selected_boxes", entry.get("selected_pixels"))
+    if not (_numbers(counts, num_classes) and None not in counts):
+        return False
+    thresholds = entry.get("thresholds")
+    if thresholds is None and "selected_boxes" in entry:
+        return _numbers([entry.get("threshold")], 1)
+    return _numbers(thresholds, num_classes)
 
 
 def _metric(record: dict[str, Any]) -> tuple[str, float, list[float | None]]:
@@ -125,7 +131,7 @@ def _distribution_figure(records, class_names, palette):
     fig = _figure(1.8 + 0.8 * len(records), 4)
     ax = fig.add_subplot()
     rounds = [str(r["round"]) for r in records]
-    counts = np.array([r["pseudo"]["selected_pixels"] for r in records], dtype=float)
+    counts = np.array([RoundLabels.from_dict(r["pseudo"]).selected for r in records], dtype=float)
     shares = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
     bottom = np.zeros(len(records))
     for c, name in enumerate(class_names):
@@ -142,7 +148,7 @@ def _threshold_figure(records, class_names, palette):
     fig = _figure(6.5, 3.6)
     ax = fig.add_subplot()
     rounds = [r["round"] for r in records]
-    thresholds = np.array([r["pseudo"]["thresholds"] for r in records], dtype=float)
+    thresholds = np.array([RoundLabels.from_dict(r["pseudo"]).class_thresholds() for r in records], dtype=float)
     for c, name in enumerate(class_names):
         ax.plot(rounds, thresholds[:, c], marker="o", color=palette[c], label=name)
     if np.nanmin(thresholds) > 0:

@@ -1,55 +1,30 @@
 """What differs between segmentation and detection, behind one small interface the engine calls.
 
-A task knows how to batch its samples, augment them, compute supervised losses, evaluate, and
-make and store online pseudo-labels (teacher view -> policy -> student step). The engine stays the
+A task knows how to batch its samples, augment them, compute supervised losses, evaluate, make
+online pseudo-labels (teacher view -> policy -> student step), and give the labelling pipeline
+(:mod:`selftrain.pseudo`) its labeller, predictions and sink. The engine stays the
 same round loop for both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import Augment, DetAugment, photometric
-from .detection import keep_plausible, selection_summary
-from .errors import DataError
-from .metrics import BoxPrecision, ConfusionMatrix, bincount_skipping, miou_subset, voc_ap
+from .cache import CachedPredictions, LogitCache
+from .detection import keep_plausible
+from .errors import ConfigError
+from .metrics import miou_subset, voc_ap
 from .progress import progress
-from .pseudo import target_ground_truth
-from .store import PseudoLabelWriter
+from .pseudo import BoxSink, ForwardPredictions, OnlineBoxLabeller, OnlineSegLabeller, PixelSink, ThresholdLabeller, loader
 from .training import collate as seg_collate
 from .training import evaluate as seg_evaluate
 from .types import StepOutputs
-
-
-@dataclass(frozen=True)
-class StoredLabels:
-    """What an online round stored: labels (pixels or boxes) per class and, when the target set
-    has ground truth (reporting only, never trained on), their precision per class and overall.
-
-    ``selection`` (detection): what the policy's threshold saw over the final detections of every
-    target image, so that a round that kept nothing says why: ``criterion`` ("srrs" or "score"),
-    ``candidates`` (the SRRS reading, "per_class" / "any_class", None for the score) and
-    :func:`selftrain.detection.selection_summary` (epsilon, detections, how many reach it, share,
-    quantiles).
-    """
-
-    counts: list[int]
-    precision: list[float | None] | None = None
-    precision_overall: float | None = None
-    selection: dict[str, Any] | None = None
-
-    def record(self, threshold: float) -> dict[str, Any]:
-        """The ``pseudo`` part of the round's record in metrics.jsonl (read by the plots and ``labels``):
-        counts and precision per class, the policy's one ``threshold`` per class, and ``selection``."""
-        extra = {} if self.selection is None else {"selection": self.selection}
-        return {"selected_pixels": self.counts, "thresholds": [threshold] * len(self.counts),
-                "precision": self.precision, "precision_overall": self.precision_overall, "selected_share": None,
-                **extra}
 
 
 class SegmentationTask:
@@ -90,24 +65,23 @@ class SegmentationTask:
         ce = torch.nn.functional.cross_entropy(out.logits, targets, reduction="none").flatten(1).mean(1)
         return StepOutputs(losses={"ce": (weight.to(ce.device) * ce).mean()}, logits=out.logits, features=out.features)
 
-    def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> StoredLabels:
-        """Store what the teacher and policy make for every target image at the end of the round."""
-        loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
-        counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
-        cm = ConfusionMatrix(self.data.num_classes, self.data.ignore_index)
-        start = 0
-        for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
-            _, _, made = policy.segmentation(teacher.predict(self.images(batch, device)).logits)
-            labels = made.labels.cpu()
-            counts += bincount_skipping(labels, labels == self.data.ignore_index, self.data.num_classes)
-            writer.add_segmentation_batch(batch["id"], labels.to(torch.uint8).numpy(), made.confidence.cpu().numpy())
-            gt = target_ground_truth(dataset, range(start, start + len(labels)))
-            if gt is not None:
-                cm.update(labels, gt)
-            start += len(labels)
-        writer.finish(selected_pixels=counts.numpy())
-        return StoredLabels(counts.tolist(), *cm.precision_report())
+    def labeller(self, policy, *, portion: float, progress: float, device: str) -> Any:
+        """ST/CBST/CBST-SP select by thresholds fitted on the round; the mean teacher by its own rule."""
+        if policy.offline:
+            return ThresholdLabeller(policy, portion=portion, num_classes=self.data.num_classes, device=device)
+        return OnlineSegLabeller(policy)
+
+    def predictions(self, model, dataset: Dataset, scratch: Path, *, device: str, offline: bool) -> Any:
+        """Offline: ``model`` (the adapter) once, into a logit cache at its output stride, with the
+        recipe's test-time augmentation; online: the teacher's full-size logits."""
+        batches = loader(dataset, batch_size=self.data.pseudo_batch, collate_fn=self.collate,
+                         num_workers=self.data.num_workers, device=device)
+        if offline:
+            return CachedPredictions(model, batches, LogitCache(scratch), device=device, tta=self.data.pseudo_tta)
+        return ForwardPredictions(model.predict, batches, lambda batch: self.images(batch, device))
+
+    def sink(self, dataset: Dataset) -> PixelSink:
+        return PixelSink(dataset, num_classes=self.data.num_classes, ignore_index=self.data.ignore_index)
 
 
 def det_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -161,44 +135,20 @@ class DetectionTask:
         targets = [{"boxes": m["boxes"].detach(), "labels": m["labels"].detach()} for m in made]
         return adapter.forward_train(student, targets, negatives=policy.negatives, box_loss=policy.box_loss)
 
-    @torch.no_grad()
-    def write_online(self, teacher, policy, dataset: Dataset, writer: PseudoLabelWriter, *, device: str,
-                     progress_value: float) -> StoredLabels:
-        """Store the pseudo-boxes of every target image at the end of the round, and report what the
-        threshold saw (``StoredLabels.selection``)."""
-        loader = DataLoader(dataset, batch_size=self.data.pseudo_batch, shuffle=False, collate_fn=self.collate)
-        counts = torch.zeros(self.data.num_classes, dtype=torch.int64)
-        scored = BoxPrecision(self.data.num_classes)
-        truth = getattr(dataset, "ground_truth", None)
-        epsilon, values, per_class = policy.epsilon(progress_value), [], False
-        index = 0
-        for batch in progress(loader, desc="pseudo-labels: store", unit="batch"):
-            for image_id, pred in zip(batch["id"], teacher.predict(self.images(batch, device))):
-                reliability = policy.reliability(pred)
-                values.append(reliability.detach().cpu())
-                per_class = per_class or pred.class_candidates is not None
-                m = {k: v.cpu() for k, v in keep_plausible(policy.keep(pred, reliability, epsilon)).items()}
-                counts += torch.bincount(m["labels"] - 1, minlength=self.data.num_classes)
-                writer.add_detection(image_id, m["boxes"].numpy(), m["labels"].numpy(), m["scores"].numpy(),
-                                     m["srrs"].numpy())
-                if truth is not None:  # reporting only; an image without ground truth ends the scoring
-                    try:
-                        scored.update(m, truth(index))
-                    except (DataError, FileNotFoundError):
-                        truth = None
-                index += 1
-        writer.finish()
-        selection = _selection(policy.criterion, values, epsilon, per_class)
-        if truth is None:
-            return StoredLabels(counts.tolist(), selection=selection)
-        return StoredLabels(counts.tolist(), scored.precision(), scored.overall(), selection=selection)
+    def labeller(self, policy, *, portion: float, progress: float, device: str) -> Any:
+        """Boxes are labelled online only (WST, mean teacher): the policy's reliability at ``progress``."""
+        if policy.offline:
+            raise ConfigError(f"policy {policy.name!r} labels pixels; detection runs take an online policy "
+                              "(wst, mean_teacher)")
+        return OnlineBoxLabeller(policy, progress=progress)
 
+    def predictions(self, model, dataset: Dataset, scratch: Path, *, device: str, offline: bool) -> Any:
+        batches = loader(dataset, batch_size=self.data.pseudo_batch, collate_fn=self.collate,
+                         num_workers=self.data.num_workers, device=device)
+        return ForwardPredictions(model.predict, batches, lambda batch: self.images(batch, device))
 
-def _selection(criterion: str, values: list[torch.Tensor], epsilon: float, per_class: bool) -> dict[str, Any]:
-    """``StoredLabels.selection`` from the criterion values of every image's final detections ([M_i] each)."""
-    candidates = ("per_class" if per_class else "any_class") if criterion == "srrs" else None
-    return {"criterion": criterion, "candidates": candidates,
-            **selection_summary(torch.cat(values) if values else torch.zeros(0), epsilon)}
+    def sink(self, dataset: Dataset) -> BoxSink:
+        return BoxSink(dataset, num_classes=self.data.num_classes)
 
 
 def _eval_collate(samples: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

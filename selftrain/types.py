@@ -35,6 +35,69 @@ class SegPseudoLabels:
 
 
 @dataclass(frozen=True)
+class RoundLabels:
+    """What one round's labelling stored, per class: the ``pseudo`` part of the round's record in
+    metrics.jsonl, read by the console, TensorBoard, the plots, ``labels summary`` and the demo.
+
+    ``unit`` is "pixels" (segmentation) or "boxes" (detection). ``selected`` [C]: labels stored per
+    class. Offline rounds give ``thresholds`` [C] (the policy's fitted ones), ``predicted`` [C]
+    (pixels predicted as each class in pass 1) and ``selected_share`` (selected / predicted);
+    online rounds give the policy's one ``threshold``. ``precision`` [C] and ``precision_overall``
+    are measured against target ground truth when the split has it (reporting only, never trained
+    on). ``selection`` (boxes): what the policy's threshold saw over every image's final detections
+    (:func:`selftrain.detection.selection_summary`), so a round that kept nothing says why.
+    """
+
+    unit: str
+    selected: list[int]
+    thresholds: list[float] | None = None
+    threshold: float | None = None
+    predicted: list[int] | None = None
+    precision: list[float | None] | None = None
+    precision_overall: float | None = None
+    selected_share: float | None = None
+    selection: dict[str, Any] | None = None
+
+    def class_thresholds(self) -> list[float]:
+        """One threshold per class [C] (the online policy's one threshold repeated)."""
+        if self.thresholds is not None:
+            return list(self.thresholds)
+        return [float("nan") if self.threshold is None else float(self.threshold)] * len(self.selected)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: ``selected_pixels`` / ``thresholds`` for pixels, ``selected_boxes`` /
+        ``threshold`` for boxes, plus the precision keys and (when present) ``predicted_pixels``,
+        ``selection``."""
+        out: dict[str, Any]
+        if self.unit == "boxes":
+            out = {"selected_boxes": list(self.selected), "threshold": self.threshold}
+        else:
+            out = {"selected_pixels": list(self.selected), "thresholds": self.class_thresholds()}
+            if self.predicted is not None:
+                out["predicted_pixels"] = list(self.predicted)
+        out.update(precision=self.precision, precision_overall=self.precision_overall,
+                   selected_share=self.selected_share)
+        if self.selection is not None:
+            out["selection"] = self.selection
+        return out
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> RoundLabels:
+        """Read a record written by :meth:`to_dict`, or by older releases (detection rounds then
+        said ``selected_pixels`` and repeated the one threshold per class)."""
+        boxes = "selected_boxes" in record or "selection" in record
+        selected = record.get("selected_boxes", record.get("selected_pixels")) or []
+        thresholds = record.get("thresholds")
+        threshold = record.get("threshold")
+        if boxes and threshold is None and thresholds:
+            threshold, thresholds = thresholds[0], None
+        return cls(unit="boxes" if boxes else "pixels", selected=list(selected), thresholds=thresholds,
+                   threshold=threshold, predicted=record.get("predicted_pixels"), precision=record.get("precision"),
+                   precision_overall=record.get("precision_overall"), selected_share=record.get("selected_share"),
+                   selection=record.get("selection"))
+
+
+@dataclass(frozen=True)
 class StepOutputs:
     """What ``Adapter.forward_train`` returns: named unweighted losses, logits and feature taps."""
 

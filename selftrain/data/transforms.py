@@ -13,8 +13,9 @@ from ..errors import StoreError
 class PseudoLabeled(Dataset):
     """The target data set with each image's label replaced by its stored pseudo-label.
 
-    ``reader`` is a round reader from :func:`selftrain.store.open_round` whose images were written
-    in the data set's order; ids are checked so a stale file cannot be paired with other images.
+    ``reader`` is a round reader from :func:`selftrain.store.open_round` holding every image of the
+    data set; labels are paired with images by id (the file stores them), in whatever order the
+    file was written, so a stale file cannot be paired with other images.
     """
 
     def __init__(self, dataset: Dataset, reader) -> None:
@@ -28,10 +29,13 @@ class PseudoLabeled(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.dataset[index])
-        if self.reader.image_ids[index] != sample["id"]:
-            raise StoreError(f"pseudo-label image {self.reader.image_ids[index]!r} does not match target image "
-                             f"{sample['id']!r}; the target set changed since the round was labelled")
-        sample["label"] = torch.from_numpy(self.reader.labels(index).astype("int64"))
+        try:
+            stored = self.reader.index_of(sample["id"])
+        except KeyError:
+            raise StoreError(f"target image {sample['id']!r} has no pseudo-label in {self.reader.path}; the target "
+                             "set changed since the round was labelled: regenerate the round (delete the run "
+                             "directory's pseudo/ files or use a new --out)") from None
+        sample["label"] = torch.from_numpy(self.reader.labels(stored).astype("int64"))
         return sample
 
 

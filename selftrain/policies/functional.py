@@ -96,8 +96,9 @@ def bin_upper_edge(index: torch.Tensor) -> torch.Tensor:
     return torch.exp(_LOG_MIN + index.double() * _LOG_STEP)
 
 
-def empty_histogram(num_classes: int) -> torch.Tensor:
-    return torch.zeros(num_classes, BINS, dtype=torch.int64)
+def empty_histogram(num_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Exact int64 counts [C, BINS] (on the device of the costs they will count)."""
+    return torch.zeros(num_classes, BINS, dtype=torch.int64, device=device)
 
 
 def accumulate_histogram(
@@ -190,7 +191,7 @@ class RankSearch:
 
     def reset_counts(self) -> None:
         self.below = torch.zeros_like(self.ranks)
-        self.cells = torch.zeros(len(self.ranks), WINDOW, dtype=torch.int64)
+        self.cells = torch.zeros(len(self.ranks), WINDOW, dtype=torch.int64, device=self.ranks.device)
 
     def count(self, group: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Add one batch: ``group`` int64 and ``cost`` of the same shape (``valid`` False pixels skipped)."""

@@ -75,20 +75,27 @@ class ThresholdPolicy:
         """Add one batch to the statistics. ``valid`` [B, H, W] bool excludes pixels (padding)."""
         label, cost, num_classes = self._predicted_cost(pred)
         if self.hist is None:
-            self.hist = F.empty_histogram(num_classes)
+            self.hist = F.empty_histogram(num_classes, cost.device)
         F.accumulate_histogram(self.hist, label, cost, valid)
 
     def fit(self, portion: float,
-            replay: Callable[[], Iterable[torch.Tensor | SegPrediction]] | None = None) -> torch.Tensor:
+            replay: Callable[[], Iterable[torch.Tensor | SegPrediction]] | None = None,
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Thresholds for pseudo-label portion ``portion`` in (0, 1]; returns them [C].
 
         ``replay()`` yields the observed batches again (or ``(batch, valid)`` pairs), in any order;
         with it the costs are the exact order statistics, found in one or two more passes, else they
         are the histogram's bin edges (within ~0.22 % of the exact cost).
+
+        ``reduce`` sums int64 counts in place over the processes that share the target set
+        (``selftrain.dist.all_reduce_sum``): each process observes and replays its own shard, the
+        histogram and every pass's counts are summed, so every process fits the same thresholds,
+        exactly those of one process observing everything.
         """
         if not 0.0 < portion <= 1.0:
             raise ValueError(f"portion must be in (0, 1], got {portion}")
-        hist = self._hist()
+        self._reduce = reduce or (lambda t: t)
+        hist = self._reduce(self._hist())
         if replay is None:
             fit = F.class_balanced_costs if self.class_balanced else F.global_costs
             self.costs = fit(hist, portion)
@@ -113,6 +120,8 @@ class ThresholdPolicy:
                 label, cost, _ = self._predicted_cost(pred)
                 group = label if self.class_balanced else torch.zeros_like(label)
                 search.count(group, cost, valid)
+            self._reduce(search.below)
+            self._reduce(search.cells)
             search.narrow()
         if not search.done:
             raise RuntimeError(f"no exact threshold after {_MAX_PASSES} passes: replay() must yield the observed batches")
@@ -176,4 +185,4 @@ class ThresholdPolicy:
             if self.prior.shape[0] != logp.shape[1]:
                 raise ValueError(f"prior has {self.prior.shape[0]} classes, the model {logp.shape[1]}")
             self._log_prior_cache[size] = torch.log(resize_prior(self.prior, size).float())
-        return self._log_prior_cache[size]
+        return self._log_prior_cache[size].to(logp.device)

@@ -26,7 +26,7 @@ from selftrain.cli import main
 from selftrain.config import load_recipe, to_yaml
 from selftrain.data.synth import CLASS_NAMES as STREET_CLASSES
 from selftrain.data.synth_det import CLASS_NAMES as SHAPE_CLASSES
-from selftrain.store import PseudoLabelWriter, open_round
+from selftrain.store import PseudoLabelWriter, RoundMeta, open_round
 
 
 def run_cli(*args) -> tuple[int, str, str]:
@@ -53,8 +53,9 @@ def detection_round(run: Path, ids: list[str], size: tuple[int, int], class_name
     """Random float boxes inside the image (0 to 3 per image, the first image empty) and, on the second
     image, the whole image, a box thinner than half a pixel and one with half-pixel edges."""
     rng, (h, w) = np.random.default_rng(seed), size
-    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", task="detection", round=1, policy="wst", portion=1.0,
-                           num_classes=len(class_names), class_names=list(class_names)) as writer:
+    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", RoundMeta(task="detection", round=1, policy="wst",
+                                                                      portion=1.0, num_classes=len(class_names),
+                                                                      class_names=list(class_names))) as writer:
         for k, image_id in enumerate(ids):
             n = k % 4
             x0, y0 = rng.uniform(0, w - 2, n), rng.uniform(0, h - 2, n)
@@ -135,8 +136,9 @@ def voc_run(tmp_path_factory) -> Path:
 def street_run(tmp_path_factory) -> Path:
     run, _ = make_run(tmp_path_factory.mktemp("street"), TINY, "defaults.yaml", [])
     rng = np.random.default_rng(2)
-    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", task="segmentation", round=1, policy="cbst", portion=0.5,
-                           num_classes=10, class_names=list(STREET_CLASSES)) as writer:
+    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", RoundMeta(task="segmentation", round=1, policy="cbst",
+                                                                      portion=0.5, num_classes=10,
+                                                                      class_names=list(STREET_CLASSES))) as writer:
         for image_id in STREET_IDS:
             labels = np.where(rng.uniform(size=(32, 64)) < 0.3, 255, rng.integers(0, 10, (32, 64))).astype(np.uint8)
             writer.add_segmentation(image_id, labels, rng.uniform(size=(32, 64)).astype(np.float32))
@@ -154,8 +156,9 @@ def cityscapes_run(tmp_path_factory):
         f"data.target={{name: cityscapes, root: {folder / 'cityscapes'}, split: train}}",
         "data.num_classes=19", "data.class_names=null"])
     rng = np.random.default_rng(3)
-    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", task="segmentation", round=1, policy="cbst", portion=0.5,
-                           num_classes=19, class_names=list(cityscapes_names())) as writer:
+    with PseudoLabelWriter(run / "pseudo" / "round_001.h5", RoundMeta(task="segmentation", round=1, policy="cbst",
+                                                                      portion=0.5, num_classes=19,
+                                                                      class_names=list(cityscapes_names()))) as writer:
         for image_id in written.ids["train"]:
             labels = np.where(rng.uniform(size=(32, 64)) < 0.3, 255, rng.integers(0, 19, (32, 64))).astype(np.uint8)
             writer.add_segmentation(image_id, labels, rng.uniform(size=(32, 64)).astype(np.float32))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from selftrain.cli import main
-from selftrain.store import PseudoLabelWriter
+from selftrain.store import PseudoLabelWriter, RoundMeta
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,8 +146,8 @@ DET_CONFIG = "name: det\ntask: detection\ndata:\n  num_classes: 3\n  class_names
 
 
 def write_detection_round(path: Path, r: int, boxes_per_image: list[list[tuple]]) -> None:
-    with PseudoLabelWriter(path, task="detection", round=r, policy="wst", portion=1.0, num_classes=3,
-                           class_names=["car", "person", "dog"], recipe=DET_CONFIG) as w:
+    with PseudoLabelWriter(path, RoundMeta(task="detection", round=r, policy="wst", portion=1.0, num_classes=3,
+                                           class_names=["car", "person", "dog"], recipe=DET_CONFIG)) as w:
         for k, items in enumerate(boxes_per_image):
             boxes = np.array([b[:4] for b in items], dtype=np.float32).reshape(-1, 4)
             labels = np.array([b[4] for b in items], dtype=np.int64)

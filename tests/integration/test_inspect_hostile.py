@@ -26,7 +26,7 @@ from selftrain.cli import main
 from selftrain.config import load_recipe, to_yaml
 from selftrain.data.synth import CLASS_NAMES as STREET_CLASSES
 from selftrain.priors import save_prior
-from selftrain.store import PseudoLabelWriter
+from selftrain.store import PseudoLabelWriter, RoundMeta
 
 REPO = Path(__file__).resolve().parents[2]
 IDS = [f"target_train_{i:05d}" for i in range(12)]
@@ -37,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 
 def write_round(path: Path, r: int, recipe: str, *, num_classes: int = 10, names=STREET_CLASSES, seed: int = 0) -> None:
     rng = np.random.default_rng(seed + r)
-    with PseudoLabelWriter(path, task="segmentation", round=r, policy="cbst", portion=0.5, num_classes=num_classes,
-                           class_names=list(names), recipe=recipe) as w:
+    with PseudoLabelWriter(path, RoundMeta(task="segmentation", round=r, policy="cbst", portion=0.5,
+                                           num_classes=num_classes, class_names=list(names), recipe=recipe)) as w:
         for image_id in IDS:
             labels = np.where(rng.random((32, 64)) < 0.3, 255, rng.integers(0, num_classes, (32, 64))).astype(np.uint8)
             w.add_segmentation(image_id, labels, rng.random((32, 64)).astype(np.float32))

@@ -41,10 +41,11 @@ def test_detection_policies_run_and_store_boxes(det_tiny_recipe, tmp_path, polic
         assert reader.task == "detection" and len(reader) == 10 and reader.meta["policy"] == policy
         found = [reader.boxes(i) for i in range(len(reader))]
         total = sum(len(f["labels"]) for f in found)
-        assert recs[2]["pseudo"]["selected_pixels"] == np.bincount(
+        assert recs[2]["pseudo"]["selected_boxes"] == np.bincount(
             np.concatenate([f["labels"] for f in found]).astype(int) - 1, minlength=6).tolist()
         pseudo = recs[2]["pseudo"]  # the synthetic target has ground truth: precision is reported
-        assert [p is None for p in pseudo["precision"]] == [n == 0 for n in pseudo["selected_pixels"]]
+        assert [p is None for p in pseudo["precision"]] == [n == 0 for n in pseudo["selected_boxes"]]
+        assert "selected_pixels" not in pseudo and "thresholds" not in pseudo and isinstance(pseudo["threshold"], float)
         assert (pseudo["precision_overall"] is None) == (total == 0)
         assert all(0.0 <= p <= 1.0 for p in pseudo["precision"] if p is not None)
         if policy == "wst":  # threshold 0: every final detection is kept, with its SRRS

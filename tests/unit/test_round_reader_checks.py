@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from selftrain.errors import StoreError
-from selftrain.store import PseudoLabelWriter, open_round, recipe_sha256, written_by
+from selftrain.store import PseudoLabelWriter, RoundMeta, open_round, recipe_sha256, written_by
 
 NAMES = ["road", "car", "sky"]
 RECIPE = "name: checks\npolicy: {name: cbst, portion: 0.2}\n"
@@ -24,8 +24,8 @@ RECIPE = "name: checks\npolicy: {name: cbst, portion: 0.2}\n"
 def write_valid(path: Path, task: str) -> Path:
     """Three images of 4x5 pixels (segmentation) or 0-2 boxes each (detection), round 1."""
     rng = np.random.default_rng(0)
-    with PseudoLabelWriter(path, task=task, round=1, policy="cbst", portion=0.2, num_classes=3, class_names=NAMES,
-                           recipe=RECIPE) as w:
+    with PseudoLabelWriter(path, RoundMeta(task=task, round=1, policy="cbst", portion=0.2, num_classes=3,
+                                           class_names=NAMES, recipe=RECIPE)) as w:
         for k in range(3):
             if task == "segmentation":
                 labels = np.where(rng.random((4, 5)) < 0.3, 255, rng.integers(0, 3, (4, 5))).astype(np.uint8)
@@ -191,7 +191,8 @@ def test_valid_files_read_and_match_their_run(tmp_path, task):
 
 def test_empty_segmentation_file_reads(tmp_path):
     path = tmp_path / "round_001.h5"
-    with PseudoLabelWriter(path, task=SEG, round=1, policy="st", portion=0.5, num_classes=3, class_names=NAMES) as w:
+    with PseudoLabelWriter(path, RoundMeta(task=SEG, round=1, policy="st", portion=0.5, num_classes=3,
+                                           class_names=NAMES)) as w:
         w.finish()
     with open_round(path) as reader:
         assert len(reader) == 0 and reader.image_shape is None

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selftrain.errors import StoreError
-from selftrain.store import PseudoLabelWriter, open_round
+from selftrain.store import PseudoLabelWriter, RoundMeta, open_round
 
 NAMES = ["road", "car", "sky"]
 ATTRS = ["format", "task", "round", "policy", "portion", "num_classes", "class_names", "ignore_index", "recipe",
@@ -34,8 +34,8 @@ def valid_bytes(task: str) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "round_001.h5"
         rng = np.random.default_rng(1)
-        with PseudoLabelWriter(path, task=task, round=1, policy="cbst", portion=0.2, num_classes=3,
-                               class_names=NAMES, recipe="name: x\n", compression=None) as w:
+        with PseudoLabelWriter(path, RoundMeta(task=task, round=1, policy="cbst", portion=0.2, num_classes=3,
+                                               class_names=NAMES, recipe="name: x\n"), compression=None) as w:
             for k in range(3):
                 if task == "segmentation":
                     labels = np.where(rng.random((4, 5)) < 0.3, 255, rng.integers(0, 3, (4, 5))).astype(np.uint8)

@@ -21,8 +21,7 @@ from selftrain.detection import (
     srrs_per_class,
 )
 from selftrain.policies import create_policy
-from selftrain.tasks import StoredLabels
-from selftrain.types import DetPrediction
+from selftrain.types import DetPrediction, RoundLabels
 
 from reference import iou_loop
 
@@ -200,12 +199,26 @@ def test_selection_summary_against_numpy():
     assert (empty["detections"], empty["at_least_epsilon"], empty["share"], empty["quantiles"]) == (0, 0, None, None)
 
 
-def test_stored_labels_add_the_selection_to_the_round_record_only_when_there_is_one():
-    assert "selection" not in StoredLabels([1, 2]).record(0.8)
+def test_round_labels_add_the_selection_to_the_record_only_when_there_is_one():
+    assert "selection" not in RoundLabels("boxes", [1, 2], threshold=0.8).to_dict()
     selection = {"criterion": "srrs", "candidates": "per_class", **selection_summary(torch.tensor([0.5]), 0.8)}
-    record = StoredLabels([1, 2], selection=selection).record(0.8)
-    assert record["selection"] == selection and record["thresholds"] == [0.8, 0.8]
+    record = RoundLabels("boxes", [1, 2], threshold=0.8, selection=selection).to_dict()
+    assert record["selection"] == selection and record["threshold"] == 0.8 and record["selected_boxes"] == [1, 2]
+    assert "selected_pixels" not in record and "thresholds" not in record
     assert math.isclose(selection["quantiles"]["max"], 0.5)
+
+
+def test_round_labels_read_their_own_records_and_the_older_box_records():
+    boxes = RoundLabels("boxes", [3, 0], threshold=0.6, precision=[0.5, None], precision_overall=0.5,
+                        selection={"criterion": "score"})
+    assert RoundLabels.from_dict(boxes.to_dict()) == boxes
+    pixels = RoundLabels("pixels", [10, 20], thresholds=[0.9, 0.7], predicted=[40, 50], selected_share=30 / 90)
+    assert RoundLabels.from_dict(pixels.to_dict()) == pixels
+    older = {"selected_pixels": [3, 0], "thresholds": [0.6, 0.6], "precision": None, "precision_overall": None,
+             "selected_share": None, "selection": {"criterion": "score"}}
+    read = RoundLabels.from_dict(older)
+    assert read.unit == "boxes" and read.selected == [3, 0] and read.threshold == 0.6 and read.thresholds is None
+    assert read.class_thresholds() == [0.6, 0.6]
 
 
 def test_default_boxes_give_the_same_lists_in_the_adapter():

@@ -13,7 +13,7 @@ import torch
 
 import selftrain
 from selftrain.errors import StoreError
-from selftrain.store import FORMAT, PseudoLabelWriter, open_round
+from selftrain.store import FORMAT, PseudoLabelWriter, RoundMeta, open_round
 
 NAMES = ["road", "car", "sky"]
 RECIPE = "policy:\n  name: cbst\n  portion: 0.2\n"
@@ -23,7 +23,8 @@ def writer(path, task="segmentation", **overrides):
     kwargs = dict(task=task, round=2, policy="cbst", portion=0.2, num_classes=3, class_names=NAMES,
                   recipe=RECIPE, checkpoint="runs/x/checkpoints/round_001.pt")  # fmt: skip
     kwargs.update(overrides)
-    return PseudoLabelWriter(path, **kwargs)
+    options = {k: kwargs.pop(k) for k in ("image_shape", "compression") if k in kwargs}
+    return PseudoLabelWriter(path, RoundMeta(**kwargs), **options)
 
 
 def seg_data(seed=0, n=3, shape=(6, 7)):
@@ -218,7 +219,7 @@ def test_writer_validates_inputs(tmp_path):
     assert len(open_round(tmp_path / "a.h5")) == 1
     with pytest.raises(ValueError, match="class_names"):
         writer(tmp_path / "b.h5", num_classes=4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="RoundMeta"):
         PseudoLabelWriter(tmp_path / "c.h5", "segmentation")
 
 

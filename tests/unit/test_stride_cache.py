@@ -21,7 +21,7 @@ from selftrain.adapters import create_adapter
 from selftrain.adapters.segmentation import SegmentationAdapter
 from selftrain.policies import create_policy
 from selftrain.pseudo import LogitCache, label_target
-from selftrain.store import PseudoLabelWriter, open_round
+from selftrain.store import PseudoLabelWriter, RoundMeta, open_round
 from selftrain.tta import TestTimeAugment
 from selftrain.types import SegPrediction
 
@@ -95,8 +95,8 @@ def stride_path(adapter, policy, data, tmp_path, monkeypatch, tta, portion=0.35,
         return original(self, logits)
 
     path = tmp_path / "round_001.h5"
-    writer = PseudoLabelWriter(path, task="segmentation", round=1, policy=policy.name, portion=portion,
-                               num_classes=C, class_names=[f"c{i}" for i in range(C)])
+    writer = PseudoLabelWriter(path, RoundMeta(task="segmentation", round=1, policy=policy.name, portion=portion,
+                                               num_classes=C, class_names=[f"c{i}" for i in range(C)]))
     monkeypatch.setattr(LogitCache, "write", counting)
     with writer:
         label_target(adapter=adapter, policy=policy, dataset=data, portion=portion, writer=writer,
