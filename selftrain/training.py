@@ -113,9 +113,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str | LRSchedule,
 def lr_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
     """The learning rate the schedule sets now over the one it was given (first parameter group):
     1 for ``constant``, falling to 0 for ``poly``, ``gamma`` after a milestone of ``step``; for
-    ``onecycle`` relative to its peak. Loss-term optimisers with ``schedule: follow`` take it."""
+    ``onecycle`` relative to its peak; 1 when the given rate is 0. Loss-term optimisers with
+    ``schedule: follow`` take it."""
     group = scheduler.optimizer.param_groups[0]
-    return group["lr"] / group.get("max_lr", scheduler.base_lrs[0])
+    nominal = group.get("max_lr", scheduler.base_lrs[0])
+    return group["lr"] / nominal if nominal else 1.0
 
 
 def seed_everything(seed: int) -> torch.Generator:
