@@ -82,6 +82,11 @@ class LossTerms:
             self._take_metrics(e)
         return out
 
+    @property
+    def own_losses(self) -> bool:
+        """Whether some update back-propagates a loss of its own (and so needs the step's outputs)."""
+        return any(u.loss is not None for ups in self.updates or [] for u in ups)
+
     def take_logged(self) -> dict[str, torch.Tensor]:
         """What was logged since the last call (detached tensors, no host sync)."""
         out, self.logged = self.logged, {}
@@ -147,6 +152,7 @@ class DiscriminatorUpdate(HookBase):
         self.terms, self.phase = terms, phase
         self.meter = LossMeter()
         self.batches: list[StepBatch] = []
+        self.progress: float | None = None
         self.runner: StepRunner | None = None
         self.factor, self.scale = 1.0, None
         self.scalers: dict[str, torch.amp.GradScaler] = {}
@@ -159,16 +165,18 @@ class DiscriminatorUpdate(HookBase):
     def after_backward(self, runner: StepRunner, step: int, result: StepResult) -> None:
         self.runner = runner
         if result.batch is not None:
-            self.batches.append(result.batch)
+            self.progress = result.batch.progress
+            if self.terms.own_losses:  # kept for the updates with a loss only (micro-batch outputs)
+                self.batches.append(result.batch)
         self.factor = lr_factor(runner.scheduler)
         self.scale = runner.scaler.get_scale() if runner.scaler.is_enabled() else None
         self._add(self.terms.take_logged())
 
     def after_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        batches, self.batches = self.batches, []
-        if not batches or self.runner is None:
+        batches, progress, self.batches, self.progress = self.batches, self.progress, [], None
+        if progress is None or self.runner is None:
             return
-        for e, update, opt in self.terms.active_updates(self.phase, batches[0].progress):
+        for e, update, opt in self.terms.active_updates(self.phase, progress):
             if update.schedule == "follow":
                 for group in opt.param_groups:
                     group["lr"] = update.optim.lr * self.factor

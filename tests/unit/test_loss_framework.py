@@ -25,7 +25,7 @@ from selftrain.losses import (
     least_squares_domain_loss,
     sync_gradients,
 )
-from selftrain.training import LRSchedule, OptimSpec, StepResult, StepRunner, lr_factor, make_scheduler
+from selftrain.training import LRSchedule, OptimSpec, Precision, StepResult, StepRunner, lr_factor, make_scheduler
 from selftrain.types import StepBatch, StepOutputs
 
 # --------------------------------------------------------------------------- pure functions
@@ -307,3 +307,39 @@ def test_gradient_sync_is_nothing_to_do_in_one_process():
     p.grad = torch.full((2,), 3.0)
     sync_gradients([p])
     assert torch.equal(p.grad, torch.full((2,), 3.0))
+
+
+def fp16_run(precision: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Two steps of a DANN term and a late-launched twin (start 0.5 of 4 steps) on a 1x1 conv."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 1)
+    dann, late = DANN(tap="f", hidden=4, schedule="constant"), DANN(tap="f", hidden=4, schedule="constant")
+    dann.attach(Taps(), "detection")
+    late.attach(Taps(), "detection")
+    terms = LossTerms([WeightedTerm("dann", 1.0, dann), WeightedTerm("late", 1.0, late, start=0.5)])
+    terms.prepare("cpu")
+    start = [p.detach().clone() for p in dann.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    runner = StepRunner(optimizer=opt, scheduler=make_scheduler(opt, "constant", 4),
+                        precision=Precision(precision, "cpu"), hooks=[DiscriminatorUpdate(terms, "source")])
+    x = torch.randn(2, 3, 8, 8)
+
+    def step_fn(i):
+        f = model(x)
+        b = StepBatch(source=StepOutputs({}, f, {"f": f}), target=StepOutputs({}, f, {"f": f + 1}), step=i,
+                      progress=i / 4)
+        return StepResult(terms.losses(b, "source"), b)
+
+    late_start = [p.detach().clone() for p in late.parameters()]
+    for i in range(2):
+        runner.step(step_fn, i)
+    assert all(torch.equal(a, b) for a, b in zip(late_start, late.parameters()))  # not launched: untouched
+    return start, list(dann.parameters()), late_start
+
+
+def test_under_fp16_the_model_gradients_are_unscaled_before_a_grl_term_steps():
+    start, fp32, _ = fp16_run("fp32")
+    _, fp16, _ = fp16_run("fp16")  # the runner's GradScaler starts at 65536
+    for p0, a, b in zip(start, fp32, fp16):
+        moved = (a - p0).abs().max()
+        assert moved > 0 and (a - b).abs().max() < 0.05 * moved
