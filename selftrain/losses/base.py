@@ -34,7 +34,8 @@ class Update:
     ``loss``: None when the parameters learn from the model's backward pass (through a GRL); else a
     closure ``loss(step) -> {name: tensor}`` on a stored :class:`StepBatch`, whose sum is
     back-propagated into ``params`` just before they step. It must read the step's outputs detached
-    (the model's graph is gone by then) and may read parameters stepped by earlier updates.
+    (the model's graph is gone by then) and may read parameters stepped by earlier updates. An
+    update without a loss must come before any update whose loss reaches its parameters.
     ``schedule``: ``constant`` (``optim.lr`` throughout) or ``follow`` (``optim.lr`` times the
     phase's learning-rate factor at that step, see :func:`selftrain.training.lr_factor`).
     """

@@ -204,11 +204,12 @@ class DiscriminatorUpdate(HookBase):
         for batch in batches:
             with runner.autocast():
                 losses = update.loss(batch)
-            if not losses:
-                continue
-            scaler.scale(sum(losses.values()) / runner.accumulate).backward()
+            if losses:
+                scaler.scale(sum(losses.values()) / runner.accumulate).backward()
             self._add({f"{e.key}/{k}": v for k, v in losses.items()})
             self._add({f"{e.key}/{k}": v for k, v in e.term.take_metrics().items()})
+        if all(p.grad is None for p in update.params):
+            return  # nothing to learn from this step (a GradScaler refuses an optimiser without gradients)
         sync_gradients(update.params)
         scaler.step(opt)
         scaler.update()

@@ -343,3 +343,19 @@ def test_under_fp16_the_model_gradients_are_unscaled_before_a_grl_term_steps():
     for p0, a, b in zip(start, fp32, fp16):
         moved = (a - p0).abs().max()
         assert moved > 0 and (a - b).abs().max() < 0.05 * moved
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_update_without_losses_this_step_does_not_step(precision):
+    term = Scalars()
+    term.updates = lambda: [Update("quiet", [term.a], lambda s: {}, OptimSpec(name="sgd", lr=0.5, weight_decay=0.1))]
+    terms = LossTerms([WeightedTerm(key="s", weight=1.0, term=term)])
+    terms.prepare("cpu")
+    dummy = nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([dummy], lr=0.1)
+    runner = StepRunner(optimizer=opt, scheduler=make_scheduler(opt, "constant", 1),
+                        precision=Precision(precision, "cpu"), hooks=[DiscriminatorUpdate(terms, "source")])
+    b = batch(0.0)
+    term.a.data.fill_(2.0)
+    runner.step(lambda i: StepResult({**terms.losses(b, "source"), "dummy": dummy * 1}, b), 0)
+    assert term.a.item() == 2.0  # no gradient: weight decay did not move it either
