@@ -218,7 +218,7 @@ def test_a_term_optimiser_follows_the_phase_schedule_or_stays_constant(schedule,
         runner.step(lambda _: StepResult({**terms.losses(b, "source"), "dummy": dummy * 0}, b), i)
         moves.append(before - term.w.item())  # gradient 1: the move is the learning rate
     assert moves == pytest.approx(expected)
-    assert Grl().optim_schedule == "constant"  # the default: today's fixed learning rate
+    assert Grl().optim_schedule == "constant"  # the default: a fixed learning rate, as before
     with pytest.raises(ValueError, match="unknown optim schedule 'cosine'; choose constant or follow"):
         Grl(optim={"schedule": "cosine"})
 
