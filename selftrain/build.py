@@ -15,7 +15,7 @@ from .engine import Engine
 from .phases import Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
 from .losses import LOSSES, LossTerms, WeightedTerm
-from .training import OptimSpec, Precision, parameter_groups, seed_everything
+from .training import LRSchedule, OptimSpec, Precision, parameter_groups, seed_everything
 from .tasks import build_task
 from .tta import TestTimeAugment
 
@@ -103,7 +103,8 @@ def build_policy(cfg: RunConfig) -> Any:
 
 def build_plan(cfg: RunConfig, n_target: int) -> Plan:
     st = cfg.source_training
-    source_phase = SourcePhase(steps=st.steps, batch_size=st.batch_size, lr_schedule=st.lr_schedule,
+    schedule = LRSchedule(st.lr_schedule, tuple(st.lr_milestones) if st.lr_milestones else None, st.lr_gamma)
+    source_phase = SourcePhase(steps=st.steps, batch_size=st.batch_size, lr_schedule=schedule,
                                optim=OptimSpec(**st.optim.__dict__)) if st.enabled else None
     r = cfg.rounds
     rounds = plan_rounds(count=r.count, portion=r.portion, source_share=r.source_share, steps=r.steps,
@@ -133,7 +134,8 @@ def build_loss_terms(cfg: RunConfig, adapter: Any) -> LossTerms:
                               "rounds.source_share.start > 0, or phases: [source]")
         seen[spec.name] = seen.get(spec.name, 0) + 1
         key = spec.name if seen[spec.name] == 1 else f"{spec.name}{seen[spec.name]}"
-        entries.append(WeightedTerm(key=key, weight=spec.weight, term=term, phases=tuple(dict.fromkeys(spec.phases))))
+        entries.append(WeightedTerm(key=key, weight=spec.weight, term=term, phases=tuple(dict.fromkeys(spec.phases)),
+                                    start=spec.start))
     return LossTerms(entries)
 
 

@@ -159,6 +159,11 @@ class SourceTrainingConfig:
     steps: int = bounded(1000, ge=0, example="1000")
     batch_size: int = bounded(2, ge=1, example="2")
     lr_schedule: Literal["constant", "onecycle", "poly", "step"] = "poly"
+    # lr_schedule step: the steps at which the learning rate is multiplied by lr_gamma (null: 2/3 and
+    # 5/6 of the steps); the Faster R-CNN papers drop once at 50000 of 70000 steps.
+    lr_milestones: list[int] | None = bounded(None, ge=1, example="50000",
+                                              note=", or null for 2/3 and 5/6 of the steps")
+    lr_gamma: float = bounded(0.1, gt=0, le=1, example="0.1")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -239,6 +244,9 @@ class LossConfig:
     name: str
     weight: float = bounded(1.0, ge=0, example="1e-3")
     phases: list[Literal["source", "rounds"]] = field(default_factory=lambda: ["source", "rounds"])
+    # Late launch: the fraction of the phase's steps (of all rounds' steps in the rounds) before the
+    # term acts; 0: from the first step (iFAN starts its instance terms at 0.43 and 0.71).
+    start: float = bounded(0.0, ge=0, le=1, example="0.43")
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -551,6 +559,7 @@ _DATASET_OPTIONS = {"num_images": Bound(low=0, example="400"), "height": Bound(l
 _LOSS_OPTIM = {f.name: f.metadata["bound"] for f in dataclasses.fields(OptimConfig)
                if f.name in ("lr", "momentum", "weight_decay")}
 _BETA = Bound(low=0, high=1, high_open=True, example="0.9")
+_LOSS_SCHEDULES = ("constant", "follow")
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -565,6 +574,7 @@ def _check_values(cfg: RunConfig) -> None:
     _check_ramp(cfg.rounds.portion, cfg.rounds.count, "portion", low_open=True)
     _check_ramp(cfg.rounds.source_share, cfg.rounds.count, "source_share", low_open=False)
     _check_views(cfg)
+    _check_milestones(cfg.source_training)
     for i, spec in enumerate(cfg.losses):
         if not spec.phases:
             raise ConfigError(f"losses[{i}].phases is empty; list source, rounds or both")
@@ -633,6 +643,18 @@ def _check_views(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} is empty; list at least one scale, e.g. [1.0] or [0.5, 0.75, 1.0]")
 
 
+def _check_milestones(st: SourceTrainingConfig) -> None:
+    """Milestones only with the step schedule, strictly increasing."""
+    m = st.lr_milestones
+    if m is None:
+        return
+    if st.lr_schedule != "step":
+        raise ConfigError(f"source_training.lr_milestones needs lr_schedule: step (it is {st.lr_schedule}); set "
+                          "source_training.lr_schedule: step or remove lr_milestones")
+    if not m or any(b <= a for a, b in zip(m, m[1:])):
+        raise ConfigError(f"source_training.lr_milestones must be increasing steps, got {_show(m)}; e.g. [50000]")
+
+
 def _check_loss_optim(spec: LossConfig, path: str) -> None:
     """A loss term's ``options.optim``: numbers read as the schema reads floats and checked against
     the phases' ranges; other keys are the term's to check."""
@@ -652,6 +674,9 @@ def _check_loss_optim(spec: LossConfig, path: str) -> None:
             raise ConfigError(f"{path}.betas must be [beta1, beta2], got {_show(betas)}; e.g. [0.9, 0.999]")
         _check_bound(_BETA, betas, f"{path}.betas")
         out["betas"] = betas
+    if "schedule" in out and out["schedule"] not in _LOSS_SCHEDULES:
+        raise ConfigError(f"{path}.schedule is {_show(out['schedule'])}; choose one of: {', '.join(_LOSS_SCHEDULES)} "
+                          "(constant: the optimiser's lr throughout; follow: scaled as the phase's lr)")
     spec.options["optim"] = out
 
 

@@ -127,7 +127,10 @@ class Task(Protocol):
 class LossTerm(Protocol):
     """An extra loss of a recipe's ``losses:`` list (see ``selftrain/losses``): ``needs`` says what
     the step must hand over, ``attach`` checks the model and builds the term's layers, ``forward``
-    gives the model's losses, ``discriminator_losses`` those of a separately trained discriminator."""
+    gives the model's (unweighted) losses, ``discriminator_losses`` those of a separately trained
+    discriminator, ``updates`` the term's optimiser updates in the order they run after the model's
+    step (``selftrain.losses.Update``: name, parameters, loss closure or None, optimiser spec,
+    schedule), ``take_metrics`` what the term recorded for the logs since the last call."""
 
     name: str
     needs: frozenset[str]
@@ -139,6 +142,10 @@ class LossTerm(Protocol):
     def forward(self, step: Any) -> dict[str, torch.Tensor]: ...
 
     def discriminator_losses(self, step: Any) -> dict[str, torch.Tensor]: ...
+
+    def updates(self) -> list[Any]: ...
+
+    def take_metrics(self) -> dict[str, torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

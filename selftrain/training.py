@@ -79,18 +79,45 @@ def make_optimizer(params, spec: OptimSpec, lr: float | None = None) -> torch.op
     raise ValueError(f"unknown optimiser {spec.name!r}; choose {', '.join(OPTIMISERS)}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+@dataclass(frozen=True)
+class LRSchedule:
+    """A phase's learning-rate schedule: ``name`` as :func:`make_scheduler` takes it; for ``step``,
+    ``milestones`` (optimiser steps at which the rate is multiplied by ``gamma``; None: 2/3 and 5/6
+    of the phase's steps, SSD's 80k/100k of 120k). The Faster R-CNN papers (DA Faster R-CNN, HTCN,
+    iFAN) drop once, x0.1 at 50k of 70k: ``LRSchedule("step", (50000,))``. A milestone at or past
+    the phase's last step never fires."""
+
+    name: str = "poly"
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+
+    def build(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.name == "onecycle":
+            max_lr = [g["lr"] for g in optimizer.param_groups]
+            return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(steps, 2))
+        if self.name == "step":
+            milestones = self.milestones or (round(steps * 2 / 3), round(steps * 5 / 6))
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=self.gamma)
+        if self.name == "poly":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - min(i, steps) / max(steps, 1)) ** 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str | LRSchedule,
+                   steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """``constant``, ``poly`` (power 0.9, DeepLab), ``step`` (x0.1 at 2/3 and 5/6 of the steps: SSD's
-    80k/100k of 120k) or ``onecycle`` over ``steps`` steps."""
-    if kind == "onecycle":
-        max_lr = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(steps, 2))
-    if kind == "step":
-        milestones = [round(steps * 2 / 3), round(steps * 5 / 6)]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    if kind == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - min(i, steps) / max(steps, 1)) ** 0.9)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    80k/100k of 120k, or an :class:`LRSchedule`'s milestones and gamma) or ``onecycle`` over ``steps`` steps."""
+    return (kind if isinstance(kind, LRSchedule) else LRSchedule(kind)).build(optimizer, steps)
+
+
+def lr_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The learning rate the schedule sets now over the one it was given (first parameter group):
+    1 for ``constant``, falling to 0 for ``poly``, ``gamma`` after a milestone of ``step``; for
+    ``onecycle`` relative to its peak; 1 when the given rate is 0. Loss-term optimisers with
+    ``schedule: follow`` take it."""
+    group = scheduler.optimizer.param_groups[0]
+    nominal = group.get("max_lr", scheduler.base_lrs[0])
+    return group["lr"] / nominal if nominal else 1.0
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -9,7 +9,8 @@ import torch
 
 from selftrain.adapters import create_adapter
 from selftrain.errors import ConfigError
-from selftrain.losses import LOSSES, create_loss
+from selftrain.losses import LOSSES, DiscriminatorUpdate, LossTerms, WeightedTerm, create_loss
+from selftrain.training import StepResult, StepRunner, make_scheduler
 from selftrain.types import StepBatch
 
 TASKS = ("segmentation", "detection")
@@ -75,8 +76,13 @@ def test_a_term_on_its_task_is_finite_and_trains_the_model(term_and_task):
     own = [p for p in term.parameters() if p.requires_grad]
     if term.separate_discriminator:  # its discriminator learns only from discriminator_losses
         assert all(p.grad is None or not p.grad.any() for p in own)
-    optimizer = term.make_optimizer()
-    assert (optimizer is None) == (not own)
+    updates = term.updates()
+    assert len({u.name for u in updates}) == len(updates) and bool(updates) == bool(own)
+    assert sorted(id(p) for u in updates for p in u.params) == sorted(id(p) for p in own)  # each in one update
+    for u in updates:
+        if u.loss is None:  # it steps on the model's backward: that backward reached it
+            assert all(p.grad is not None for p in u.params), u.name
+        assert isinstance(u.make_optimizer(), torch.optim.Optimizer)
 
 
 def test_a_separate_discriminator_learns_from_detached_outputs(term_and_task):
@@ -92,6 +98,34 @@ def test_a_separate_discriminator_learns_from_detached_outputs(term_and_task):
     sum(d_losses.values()).backward()
     assert model_gradient(adapter) == 0  # the model's outputs were detached
     assert sum(float(p.grad.abs().sum()) for p in term.parameters() if p.grad is not None) > 0
+
+
+def test_a_term_runs_through_the_step_hook_and_its_state_round_trips(term_and_task):
+    """One step runner step with the terms' hook: every update steps its parameters, the logs name
+    the raw losses, and the container's state (parameters and every optimiser) loads into a twin."""
+    term, task = term_and_task
+    adapter = tiny_adapter(task)
+    term.attach(adapter, task)
+    terms = LossTerms([WeightedTerm(key=term.name, weight=0.5, term=term)])
+    terms.prepare("cpu")
+    before = [p.detach().clone() for p in term.parameters()]
+    opt = torch.optim.SGD(adapter.parameters(), lr=1e-3)
+    hook = DiscriminatorUpdate(terms, "source")
+    runner = StepRunner(optimizer=opt, scheduler=make_scheduler(opt, "constant", 1), hooks=[hook])
+    step = step_batch(adapter, task, term.needs)
+    runner.step(lambda i: StepResult(terms.losses(step, "source"), step), 0)
+    assert all(not torch.equal(b, p) for b, p in zip(before, term.parameters()))
+    logged = hook.meter.means(1)
+    assert {f"{term.name}/{k}_raw" for k in term(step)} <= logged.keys()
+    twin = create_loss(term.name)
+    twin.attach(tiny_adapter(task), task)
+    copy = LossTerms([WeightedTerm(key=term.name, weight=0.5, term=twin)])
+    copy.prepare("cpu")
+    copy.load_state_dict(terms.state_dict())
+    for a, b in zip(term.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    for name, o in terms.optimizers[0].items():
+        assert copy.optimizers[0][name].state_dict()["state"].keys() == o.state_dict()["state"].keys()
 
 
 def test_a_term_state_round_trips(term_and_task):

@@ -102,3 +102,31 @@ def test_schedule_ramps():
     cfg = RunConfig()
     assert [cfg.rounds.portion.at(r) for r in (1, 2, 7, 8)] == pytest.approx([0.2, 0.25, 0.5, 0.5])
     assert [cfg.rounds.source_share.at(r) for r in (1, 2, 13, 20)] == pytest.approx([0.03, 0.0325, 0.06, 0.06])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("losses: [{name: dann, start: 1.5}]\n", r"^losses\[0\]\.start must be in \[0, 1\], got 1\.5; give a number in \[0, 1\]"),
+    ("losses: [{name: dann, start: -0.1}]\n", r"^losses\[0\]\.start must be in \[0, 1\]"),
+    ("losses: [{name: dann, options: {optim: {schedule: cosine}}}]\n",
+     r"^losses\[0\]\.options\.optim\.schedule is 'cosine'; choose one of: constant, follow"),
+    ("source_training: {lr_milestones: [50000]}\n",
+     r"^source_training\.lr_milestones needs lr_schedule: step \(it is poly\)"),
+    ("source_training: {lr_schedule: step, lr_milestones: [500, 200]}\n",
+     r"^source_training\.lr_milestones must be increasing steps, got \[500, 200\]"),
+    ("source_training: {lr_schedule: step, lr_milestones: [0]}\n", r"^source_training\.lr_milestones\[0\] must be >= 1"),
+    ("source_training: {lr_gamma: 0}\n", r"^source_training\.lr_gamma must be in \(0, 1\]"),
+])
+def test_loss_term_and_milestone_keys_fail_in_one_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_recipe(write(tmp_path, text))
+    assert "\n" not in str(err.value)
+
+
+def test_loss_term_and_milestone_keys_default_to_the_earlier_behaviour(tmp_path):
+    cfg = load_recipe(write(tmp_path, "losses: [{name: dann}]\n"))
+    assert cfg.losses[0].start == 0.0 and cfg.source_training.lr_milestones is None
+    assert cfg.source_training.lr_gamma == 0.1
+    cfg = load_recipe(write(tmp_path, "source_training: {lr_schedule: step, lr_milestones: [50000], lr_gamma: 0.1}\n"
+                                      "losses: [{name: dann, start: 0.4286, options: {optim: {schedule: follow}}}]\n"))
+    assert cfg.source_training.lr_milestones == [50000] and cfg.losses[0].start == 0.4286
+    assert cfg.losses[0].options["optim"] == {"schedule": "follow"}

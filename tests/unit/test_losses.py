@@ -231,11 +231,11 @@ def test_output_space_losses_and_discriminator_step():
     assert all(p.grad is None for p in d.parameters())  # the model's loss leaves nothing in D ...
     assert all(p.grad is not None for p in model.parameters())  # ... and reaches the segmenter through D
     assert all(p.requires_grad for p in d.parameters())
-    opt = terms.optimizers[0]
+    opt = terms.optimizers[0]["d"]
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.9, 0.99)
     assert opt.defaults["lr"] == 1e-4
-    assert terms.active_optimizers("rounds") == [opt] and set(terms.discriminator_losses(step, "rounds")) == {
-        "output_space/d"}
+    (update,) = terms.updates[0]
+    assert terms.phase_optimizers("rounds") == [opt] and set(update.loss(step)) == {"d"}
 
 
 def one_step(terms: LossTerms, step: StepBatch, phase: str) -> DiscriminatorUpdate:
@@ -261,7 +261,7 @@ def test_output_space_step_equals_one_adam_step_on_the_discriminator_loss_alone(
     terms = LossTerms([WeightedTerm(key="os", weight=1.0, term=term)])
     terms.prepare("cpu")
     hook = one_step(terms, step, "rounds")
-    assert set(hook.meter.means(1)) == {"os/d"}
+    assert set(hook.meter.means(1)) == {"os/d", "os/adv_raw", "os/acc_src", "os/acc_tgt"}
     opt = torch.optim.Adam(twin.parameters(), lr=1e-4, betas=(0.9, 0.99))
     twin.discriminator_losses(step)["d"].backward()
     opt.step()
@@ -284,7 +284,9 @@ def test_loss_terms_weight_once_respect_phases_and_round_trip_state():
     weighted = terms.losses(step, "source")["dann/domain"]
     assert weighted.item() == pytest.approx(0.25 * term(step)["domain"].item(), rel=1e-6)
     before = [p.detach().clone() for p in term.parameters()]
-    assert one_step(terms, step, "source").meter.sums == {}  # a GRL term has no losses of its own
+    logged = one_step(terms, step, "source").meter.means(1)  # a GRL term has no losses of its own
+    assert set(logged) == {"dann/domain_raw", "dann/acc_src", "dann/acc_tgt"}
+    assert logged["dann/domain_raw"] == pytest.approx(weighted.item() / 0.25, rel=1e-6)
     assert all(not torch.equal(b, p) for b, p in zip(before, term.parameters()))  # but its D stepped
     state = terms.state_dict()
     other = DANN(hidden=4, schedule="constant")
@@ -294,7 +296,7 @@ def test_loss_terms_weight_once_respect_phases_and_round_trip_state():
     copy.load_state_dict(state)
     for a, b in zip(term.parameters(), other.parameters()):
         assert torch.equal(a, b)
-    assert copy.optimizers[0].state_dict()["state"].keys() == terms.optimizers[0].state_dict()["state"].keys()
+    assert copy.optimizers[0]["d"].state_dict()["state"].keys() == terms.optimizers[0]["d"].state_dict()["state"].keys()
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
