@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from .policies.functional import rare_classes
 from .streams import BatchStream
-from .training import OptimSpec, StepResult
+from .training import LRSchedule, OptimSpec, StepResult
 from .tta import TestTimeAugment
 from .types import StepBatch, StepOutputs
 
@@ -67,7 +67,7 @@ class SourcePhase:
 
     steps: int
     batch_size: int
-    lr_schedule: str
+    lr_schedule: str | LRSchedule
     optim: OptimSpec
 
 
@@ -136,7 +136,7 @@ class Phase:
     terms: str
     steps: int
     optim: OptimSpec
-    schedule: str
+    schedule: str | LRSchedule
     seed: int
     source: Draw | None
     target: Draw | None

@@ -110,7 +110,7 @@ def test_keep_selects_exactly_the_detections_at_or_above_epsilon(name, predictio
 @pytest.mark.parametrize("name", DETECTION_ONLINE)
 @pytest.mark.parametrize("progress", [0.0, 0.7])
 def test_what_a_step_trains_on_is_what_the_round_stores(name, progress, predictions):
-    """``detections`` (online_step) and ``keep(reliability, epsilon)`` (write_online) agree."""
+    """``detections`` (online_step) and ``keep(reliability, epsilon)`` (the stored round, OnlineBoxLabeller) agree."""
     pol = create_policy(name, threshold=0.05)
     made = pol.detections(predictions, progress)
     assert len(made) == len(predictions) and sum(len(m["labels"]) for m in made) > 0
