@@ -83,7 +83,9 @@ def tiny_frcnn(*, num_classes: int, size: int = 128, width: int = 16, norm: str 
     Images are resized so that their shorter side is ``size`` (at most ``size`` on the longer).
     RPN: one level, anchors ``anchor_sizes`` (16/32/64 px: the objects of ``synth_shapes`` are
     10-77 px) at ratios 0.5/1/2, ``rpn_post_nms`` proposals per image (train, test; pre-NMS twice
-    that). RoI head: 7x7 RoIAlign, two fully connected layers of ``head``, ``rois_per_image``
+    that). RoI head: 7x7 RoIAlign with one bilinear sample per bin (``sampling_ratio`` 1: at stride 8
+a bin of an object under 56 px is smaller than a cell, and torchvision's CPU RoIAlign backward,
+the largest cost of a step, takes half the time of ratio 2), two fully connected layers of ``head``, ``rois_per_image``
     sampled RoIs (25 % foreground) per labelled image. ``norm``: "group" (GroupNorm with 8 groups,
     the default: it trains from scratch without batch statistics) or "none" (VGG-16's plain
     convolutions). Taps: pool2, relu3_2, relu3_3, pool3, relu4_2, relu4_3 (= backbone.0);
@@ -102,7 +104,7 @@ def tiny_frcnn(*, num_classes: int, size: int = 128, width: int = 16, norm: str 
                        rpn_anchor_generator=AnchorGenerator((sizes,), ((0.5, 1.0, 2.0),)),
                        rpn_pre_nms_top_n_train=2 * train_n, rpn_post_nms_top_n_train=train_n,
                        rpn_pre_nms_top_n_test=2 * test_n, rpn_post_nms_top_n_test=test_n,
-                       box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+                       box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=1),
                        box_head=TwoMLPHead(backbone.out_channels * 49, head),
                        box_predictor=FastRCNNPredictor(head, num_classes + 1), box_batch_size_per_image=rois_per_image,
                        box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
