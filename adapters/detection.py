@@ -32,6 +32,10 @@ Contract (``task = "detection"``). Builders take ``num_classes = K``, the number
   (per proposal without targets). Feature taps: SSD ``conv4_3`` (VGG conv4_3 after its ReLU,
   before the L2 norm; the stride-8 map of tiny_ssd), Faster R-CNN ``backbone.0..N`` (FPN levels in
   order) and ``roi`` (box-head features [R, D]).
+- ``feature_taps()`` / ``request_taps(names)``: the named backbone maps below the last one
+  (``selftrain.types.Tap``: channels, stride) that a loss term asks for at attach time; only the
+  requested ones join ``features``. ``request_rois(pooled=...)`` (Faster R-CNN): every later
+  ``forward_train`` carries a ``RoIRecord`` in ``StepOutputs.rois``. See ``adapters/taps.py``.
 
 Negatives (WST, Kim et al. ICCV 2019, arXiv:1909.00597, Sec. 3.2 and Table 4):
 - SSD, computed here from torchvision's pieces (``SSD.compute_loss`` hard-codes hard mining):
@@ -528,13 +532,18 @@ class FasterRCNNAdapter(DetectionAdapter):
         taps = {f"backbone.{i}": f for i, f in enumerate(features.values())}
         rois = None
         if self.rois_pooled is not None:
-            rois = RoIRecord(boxes=proposals, counts=[len(p) for p in proposals], labels=labels, objectness=scores,
-                             logits=logits, regression=regression,
-                             refined=refined_boxes(m.roi_heads.box_coder, regression, logits, proposals,
-                                                   batch.image_sizes),
-                             pooled=pooled if self.rois_pooled else None, image_sizes=list(batch.image_sizes),
-                             input=unnormalised(batch, m.transform))
+            rois = self._record(batch, proposals, scores, labels, logits, regression, pooled)
         return StepOutputs(losses=losses, logits=logits, features={**taps, **tapped, "roi": roi}, rois=rois)
+
+    def _record(self, batch, proposals: list[Tensor], scores: list[Tensor], labels: list[Tensor] | None,
+                logits: Tensor, regression: Tensor, pooled: Tensor) -> RoIRecord:
+        """The :class:`RoIRecord` of one ``forward_train`` (pooled features only if requested)."""
+        m = self.model
+        refined = refined_boxes(m.roi_heads.box_coder, regression, logits, proposals, batch.image_sizes)
+        return RoIRecord(boxes=proposals, counts=[len(p) for p in proposals], labels=labels, objectness=scores,
+                         logits=logits, regression=regression, refined=refined,
+                         pooled=pooled if self.rois_pooled else None, image_sizes=list(batch.image_sizes),
+                         input=unnormalised(batch, m.transform))
 
     def _rpn(self, batch, features: dict[str, Tensor], targets: Targets | None, negatives: str,
              box_loss: bool) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
