@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import classic, detection, segmentation  # noqa: F401  (registration)
+from . import classic, detection, segmentation, tiny_frcnn  # noqa: F401  (registration)
 from .registry import ADAPTERS
 
 

@@ -32,6 +32,10 @@ Contract (``task = "detection"``). Builders take ``num_classes = K``, the number
   (per proposal without targets). Feature taps: SSD ``conv4_3`` (VGG conv4_3 after its ReLU,
   before the L2 norm; the stride-8 map of tiny_ssd), Faster R-CNN ``backbone.0..N`` (FPN levels in
   order) and ``roi`` (box-head features [R, D]).
+- ``feature_taps()`` / ``request_taps(names)``: the named backbone maps below the last one
+  (``selftrain.types.Tap``: channels, stride) that a loss term asks for at attach time; only the
+  requested ones join ``features``. ``request_rois(pooled=...)`` (Faster R-CNN): every later
+  ``forward_train`` carries a ``RoIRecord`` in ``StepOutputs.rois``. See ``adapters/taps.py``.
 
 Negatives (WST, Kim et al. ICCV 2019, arXiv:1909.00597, Sec. 3.2 and Table 4):
 - SSD, computed here from torchvision's pieces (``SSD.compute_loss`` hard-codes hard mining):
@@ -67,10 +71,12 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 
 from selftrain.detection import NEGATIVE_MODES, check_srrs_candidates, class_candidates, negative_mask
 from selftrain.errors import ConfigError
-from selftrain.types import DetPrediction, StepOutputs
+from selftrain.types import DetPrediction, RoIRecord, StepOutputs, Tap, TapError
 
 from .registry import ADAPTERS
 from .segmentation import load_weights
+from .taps import (TapTable, refined_boxes, sample_labelled, sample_unlabelled, unlabelled_option,
+                   unnormalised)
 
 Targets = list[dict[str, Tensor]]
 
@@ -82,12 +88,27 @@ class DetectionAdapter:
     dense_logits = False  # True when ``forward_train``'s logits hold one row per default box (SSD)
 
     def __init__(self, *, model: nn.Module, num_classes: int, raw_score_thresh: float = 0.01,
-                 raw_candidates: int = 1000, srrs_candidates: str = "per_class") -> None:
+                 raw_candidates: int = 1000, srrs_candidates: str = "per_class", taps: TapTable | None = None) -> None:
         self.model = model
         self.num_classes = num_classes
         self.raw_score_thresh = raw_score_thresh
         self.raw_candidates = raw_candidates
         self.srrs_candidates = check_srrs_candidates(srrs_candidates)
+        self.tap_table = taps if taps is not None else TapTable(model, (), model=type(self).__name__)
+
+    def feature_taps(self) -> dict[str, Tap]:
+        """The backbone maps a loss term can request, shallowest first (``adapters/taps.py``)."""
+        return self.tap_table.declared()
+
+    def request_taps(self, names) -> dict[str, Tap]:
+        """Make ``forward_train`` return these taps in ``features`` from now on; raises TapError for an
+        unknown tap (listing the valid ones) or a frozen one (naming the frozen layers)."""
+        return self.tap_table.request(names)
+
+    def request_rois(self, *, pooled: bool = False) -> None:
+        """Single-stage detectors have no RoIs: always a TapError."""
+        raise TapError(f"{self.tap_table.model} is a single-stage detector without RoIs; "
+                       "use a Faster R-CNN adapter (tiny_frcnn, fasterrcnn_vgg16, fasterrcnn_resnet50_fpn)")
 
     @property
     def per_class(self) -> bool:
@@ -247,7 +268,7 @@ class SSDAdapter(DetectionAdapter):
         self.model.train()
         images = image_list(images)
         targets = None if targets is None else self._targets(targets, images)
-        with capture({"conv4_3": self.model.backbone.features[-1]}) as taps:
+        with capture({"conv4_3": self.model.backbone.features[-1], **self.tap_table.modules()}) as taps:
             _, resized, head, anchors = self._forward(images, targets)
         losses = {}
         if resized is not None:
@@ -369,7 +390,14 @@ def tiny_ssd(*, num_classes: int, size: int = 128, width: int = 32, first_stride
     model = SSD(TinySSDBackbone(width, first_stride), anchors, (size, size), num_classes + 1,
                 score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
     return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
+                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates,
+                      taps=ssd_taps(model, width, "tiny_ssd"))
+
+
+def ssd_taps(model: SSD, channels: int, name: str, unfreeze: str = "") -> TapTable:
+    """SSD's one tap: ``conv4_3`` (after its ReLU; the stride-8 map), the end of ``backbone.features``."""
+    path = f"backbone.features.{len(model.backbone.features) - 1}"
+    return TapTable(model, [(Tap("conv4_3", channels, 8), path)], model=name, unfreeze=unfreeze)
 
 
 def vgg16_features() -> nn.Module:
@@ -423,15 +451,30 @@ def ssd300_vgg16(*, num_classes: int, backbone_weights: str | None = None, pixel
     model = SSD(_vgg_extractor(vgg, False, trainable), anchors, (300, 300), num_classes + 1, image_mean=mean,
                 image_std=std, score_thresh=score_thresh, nms_thresh=nms_thresh,
                 detections_per_img=detections_per_img)
+    taps = ssd_taps(model, 512, "ssd300_vgg16", "set model.options.trainable_backbone_layers: 5 to train them")
     return SSDAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
+                      raw_candidates=raw_candidates, srrs_candidates=srrs_candidates, taps=taps)
 
 
 # --------------------------------------------------------------------------- Faster R-CNN
 
 
 class FasterRCNNAdapter(DetectionAdapter):
-    """A torchvision :class:`FasterRCNN` run step by step so that background sampling can be weakened."""
+    """A torchvision :class:`FasterRCNN` run step by step so that background sampling can be weakened.
+
+    ``unlabelled_rois`` (images without targets in train mode): None pools every post-NMS proposal;
+    {n, mode: random | top} pools n of them per image (``adapters/taps.py:sample_unlabelled``). A
+    loss term that calls ``request_rois`` gets a :class:`RoIRecord` on every ``forward_train``.
+    """
+
+    def __init__(self, *, unlabelled_rois: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unlabelled_rois = unlabelled_option(unlabelled_rois)
+        self.rois_pooled: bool | None = None  # None: no record; else whether it holds the pooled features
+
+    def request_rois(self, *, pooled: bool = False) -> None:
+        """Fill ``StepOutputs.rois`` from now on, with the 7x7 pooled features when ``pooled``."""
+        self.rois_pooled = bool(pooled or self.rois_pooled)
 
     def feature_channels(self) -> dict[str, int]:
         """Feature maps of ``forward_train`` (one per anchor level, ``backbone.0`` finest) and their channels."""
@@ -448,8 +491,8 @@ class FasterRCNNAdapter(DetectionAdapter):
         originals = [tuple(im.shape[-2:]) for im in images]
         batch, _ = m.transform(images)
         features = m.backbone(batch.tensors)
-        proposals, _ = self._rpn(batch, features, None, "hard", True)
-        logits, regression = self._box_predictor(features, proposals, batch.image_sizes)
+        proposals, _, _ = self._rpn(batch, features, None, "hard", True)
+        logits, regression, _, _ = self._box_predictor(features, proposals, batch.image_sizes)
         boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, batch.image_sizes)
         dets = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, labels)]
         dets = m.transform.postprocess(dets, batch.image_sizes, originals)
@@ -470,24 +513,42 @@ class FasterRCNNAdapter(DetectionAdapter):
         self.model.train()
         images = image_list(images)
         targets = None if targets is None else self._targets(targets, images)
-        m, rh = self.model, self.model.roi_heads
+        m = self.model
         batch, targets = m.transform(images, targets)
-        features = m.backbone(batch.tensors)
-        proposals, losses = self._rpn(batch, features, targets, negatives, box_loss)
-        if targets is not None:
-            proposals, _, labels, regression_targets = rh.select_training_samples(proposals, targets)
-        logits, regression, roi = self._box_predictor(features, proposals, batch.image_sizes, with_roi=True)
+        with capture(self.tap_table.modules()) as tapped:
+            features = m.backbone(batch.tensors)
+        proposals, scores, losses = self._rpn(batch, features, targets, negatives, box_loss)
+        labels = None
+        if targets is None:  # no boxes exist here: the sample depends on the proposals only
+            proposals, scores = sample_unlabelled(proposals, scores, self.unlabelled_rois)
+        else:
+            proposals, scores, labels, regression_targets = sample_labelled(m.roi_heads, proposals, scores, targets)
+        logits, regression, roi, pooled = self._box_predictor(features, proposals, batch.image_sizes)
         if targets is not None:
             _, box = fastrcnn_loss(logits, regression, labels, regression_targets)
             ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
             losses["roi_cls"] = sampled_loss(ce, labels, negatives)
             losses["roi_box"] = box if box_loss else regression.sum() * 0.0
         taps = {f"backbone.{i}": f for i, f in enumerate(features.values())}
-        return StepOutputs(losses=losses, logits=logits, features={**taps, "roi": roi})
+        rois = None
+        if self.rois_pooled is not None:
+            rois = self._record(batch, proposals, scores, labels, logits, regression, pooled)
+        return StepOutputs(losses=losses, logits=logits, features={**taps, **tapped, "roi": roi}, rois=rois)
+
+    def _record(self, batch, proposals: list[Tensor], scores: list[Tensor], labels: list[Tensor] | None,
+                logits: Tensor, regression: Tensor, pooled: Tensor) -> RoIRecord:
+        """The :class:`RoIRecord` of one ``forward_train`` (pooled features only if requested)."""
+        m = self.model
+        refined = refined_boxes(m.roi_heads.box_coder, regression, logits, proposals, batch.image_sizes)
+        return RoIRecord(boxes=proposals, counts=[len(p) for p in proposals], labels=labels, objectness=scores,
+                         logits=logits, regression=regression, refined=refined,
+                         pooled=pooled if self.rois_pooled else None, image_sizes=list(batch.image_sizes),
+                         input=unnormalised(batch, m.transform))
 
     def _rpn(self, batch, features: dict[str, Tensor], targets: Targets | None, negatives: str,
-             box_loss: bool) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """torchvision's ``RegionProposalNetwork.forward`` with the objectness loss of ``negatives``."""
+             box_loss: bool) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+        """torchvision's ``RegionProposalNetwork.forward`` with the objectness loss of ``negatives``;
+        also returns each proposal's objectness probability (highest first per image)."""
         rpn = self.model.rpn
         maps = list(features.values())
         objectness, deltas = ([x.float() for x in out] for out in rpn.head(maps))
@@ -495,9 +556,9 @@ class FasterRCNNAdapter(DetectionAdapter):
         per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         decoded = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        proposals, _ = rpn.filter_proposals(decoded, objectness, batch.image_sizes, per_level)
+        proposals, scores = rpn.filter_proposals(decoded, objectness, batch.image_sizes, per_level)
         if targets is None:
-            return proposals, {}
+            return proposals, scores, {}
         labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
         regression_targets = torch.cat(rpn.box_coder.encode(matched, anchors))
         pos, neg = rpn.fg_bg_sampler(labels)
@@ -507,17 +568,17 @@ class FasterRCNNAdapter(DetectionAdapter):
         positive = torch.cat(sampled) > 0
         count = int((torch.cat(sampled) >= 0).sum())
         box = F.smooth_l1_loss(deltas[positive], regression_targets[positive], beta=1 / 9, reduction="sum")
-        return proposals, {"rpn_cls": sampled_loss(bce, sampled, negatives),
-                           "rpn_box": box / count if box_loss else deltas.sum() * 0.0}
+        return proposals, scores, {"rpn_cls": sampled_loss(bce, sampled, negatives),
+                                   "rpn_box": box / count if box_loss else deltas.sum() * 0.0}
 
-
-    def _box_predictor(self, features: dict[str, Tensor], proposals: list[Tensor], sizes, with_roi: bool = False):
-        """Class logits and box regression of the RoI head (float32), and its pooled features when asked."""
+    def _box_predictor(self, features: dict[str, Tensor], proposals: list[Tensor], sizes):
+        """The RoI head: class logits [R, K + 1] and box regression [R, 4 (K + 1)] (float32), the
+        box-head features [R, D] and the RoIAlign output [R, C, 7, 7]."""
         rh = self.model.roi_heads
         pooled = rh.box_roi_pool({k: v.float() for k, v in features.items()}, proposals, sizes)
         roi = rh.box_head(pooled)
         logits, regression = (x.float() for x in rh.box_predictor(roi))
-        return (logits, regression, roi) if with_roi else (logits, regression)
+        return logits, regression, roi, pooled
 
 
 def sampled_loss(loss: Tensor, labels: list[Tensor], negatives: str) -> Tensor:
@@ -546,7 +607,8 @@ def sampled_loss(loss: Tensor, labels: list[Tensor], negatives: str) -> Tensor:
 
 def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
                  trainable_backbone_layers: int | None, raw_score_thresh: float, raw_candidates: int,
-                 srrs_candidates: str = "per_class", **options: Any) -> FasterRCNNAdapter:
+                 srrs_candidates: str = "per_class", unlabelled_rois: dict[str, Any] | None = None,
+                 name: str = "", **options: Any) -> FasterRCNNAdapter:
     """torchvision's Faster R-CNN builders, but with backbone weights from a local file.
 
     As in torchvision, a pretrained backbone gets frozen batch norm and trains only its last
@@ -557,6 +619,7 @@ def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     srrs_option(srrs_candidates)
+    unlabelled_rois = unlabelled_option(unlabelled_rois)
     norm = FrozenBatchNorm2d if backbone_weights else nn.BatchNorm2d
     most = 5 if body == "resnet50" else 6
     trainable = trainable_backbone_layers
@@ -576,8 +639,13 @@ def _faster_rcnn(body: str, *, num_classes: int, backbone_weights: str | None,
         anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
         model = FasterRCNN(_mobilenet_extractor(net, True, trainable), num_classes + 1,
                            rpn_anchor_generator=anchors, rpn_score_thresh=0.05, **options)
+    layers = [(Tap(f"body.layer{i}", 64 * 2 ** (i + 1), 2 ** (i + 1)), f"backbone.body.layer{i}")
+              for i in range(1, 5)] if body == "resnet50" else []  # C2..C5; MobileNet: none (no paper uses it)
+    taps = TapTable(model, layers, model=name, unfreeze=f"set model.options.trainable_backbone_layers: {most} "
+                                                         "to train them")
     return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
+                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates, taps=taps,
+                             unlabelled_rois=unlabelled_rois)
 
 
 def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) -> None:
@@ -585,12 +653,13 @@ def _register_faster_rcnn(name: str, body: str, min_size: int, max_size: int) ->
               max_size: int = max_size, trainable_backbone_layers: int | None = None,
               score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
               raw_score_thresh: float = 0.01, raw_candidates: int = 1000,
-              srrs_candidates: str = "per_class") -> FasterRCNNAdapter:
+              srrs_candidates: str = "per_class", unlabelled_rois: dict[str, Any] | None = None) -> FasterRCNNAdapter:
         return _faster_rcnn(body, num_classes=num_classes, backbone_weights=backbone_weights,
                             trainable_backbone_layers=trainable_backbone_layers, min_size=min_size,
                             max_size=max_size, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
                             box_detections_per_img=detections_per_img, raw_score_thresh=raw_score_thresh,
-                            raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
+                            raw_candidates=raw_candidates, srrs_candidates=srrs_candidates,
+                            unlabelled_rois=unlabelled_rois, name=name)
 
     build.__doc__ = (f"Faster R-CNN with a {body} FPN backbone (torchvision); ``num_classes`` = K object "
                      "classes, background added; ``backbone_weights`` a local ImageNet state dict.")
@@ -629,8 +698,9 @@ class VGG16BoxHead(nn.Module):
 def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, width: int = 4096,
                      anchor_sizes: list[int] | None = None, trainable_backbone_layers: int | None = None,
                      min_size: int = 600, max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,
-                     detections_per_img: int = 100, raw_score_thresh: float = 0.01,
-                     raw_candidates: int = 1000, srrs_candidates: str = "per_class") -> FasterRCNNAdapter:
+                     detections_per_img: int = 100, raw_score_thresh: float = 0.01, raw_candidates: int = 1000,
+                     srrs_candidates: str = "per_class",
+                     unlabelled_rois: dict[str, Any] | None = None) -> FasterRCNNAdapter:
     """Faster R-CNN on VGG-16, the detector of DA Faster R-CNN, SWDA, SCDA and HTCN (py-faster-rcnn's).
 
     conv5_3 features (stride 16, no FPN), anchors 128/256/512 px at ratios 0.5/1/2 (scales 8, 16,
@@ -639,11 +709,14 @@ def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, w
     local torchvision ``vgg16`` state dict; ``features.*`` and ``classifier.0``/``classifier.3``
     (fc6/fc7, needs ``width=4096``) load. With weights, conv1 and conv2 stay frozen as in
     py-faster-rcnn (``trainable_backbone_layers`` 3 of 5 VGG stages); without, all train.
+    Taps (``feature_taps``): pool2, relu3_2, relu3_3, pool3, relu4_2, pool4, relu5_3 (= backbone.0);
+    ``unlabelled_rois`` as in :class:`FasterRCNNAdapter`.
     """
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     srrs_option(srrs_candidates)
+    unlabelled_rois = unlabelled_option(unlabelled_rois)
     trainable = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if backbone_weights else 5)
     if not 0 <= trainable <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5 for VGG-16, got {trainable}")
@@ -661,5 +734,13 @@ def fasterrcnn_vgg16(*, num_classes: int, backbone_weights: str | None = None, w
                        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2), box_head=head,
                        box_predictor=FastRCNNPredictor(width, num_classes + 1), box_score_thresh=score_thresh,
                        box_nms_thresh=nms_thresh, box_detections_per_img=detections_per_img)
+    taps = TapTable(model, [(Tap(n, c, s), f"backbone.features.{i}") for n, i, c, s in VGG16_TAPS],
+                    model="fasterrcnn_vgg16", unfreeze="set model.options.trainable_backbone_layers: 5 to train them")
     return FasterRCNNAdapter(model=model, num_classes=num_classes, raw_score_thresh=raw_score_thresh,
-                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates)
+                             raw_candidates=raw_candidates, srrs_candidates=srrs_candidates, taps=taps,
+                             unlabelled_rois=unlabelled_rois)
+
+
+# (name, index in VGG-16 ``features``, channels, stride): the maps SWDA, HTCN and iFAN align
+VGG16_TAPS = (("pool2", 9, 128, 4), ("relu3_2", 13, 256, 4), ("relu3_3", 15, 256, 4), ("pool3", 16, 256, 8),
+              ("relu4_2", 20, 512, 8), ("pool4", 23, 512, 16), ("relu5_3", 29, 512, 16))

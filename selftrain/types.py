@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SegPrediction:
@@ -104,6 +106,7 @@ class StepOutputs:
     losses: dict[str, torch.Tensor]
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    rois: RoIRecord | None = None  # two-stage detectors, when a loss term asked (``request_rois``)
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,54 @@ class DetPrediction:
     raw_boxes: torch.Tensor | None = None
     raw_probs: torch.Tensor | None = None
     class_candidates: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A named backbone feature map that a loss term can read from ``StepOutputs.features``.
+
+    ``channels``: C of the map [B, C, H / stride, W / stride]; ``stride``: input pixels per cell (in the
+    network's resized frame). Declared by ``feature_taps()`` of a detection adapter.
+    """
+
+    name: str
+    channels: int
+    stride: int
+
+
+class TapError(ConfigError, ValueError):
+    """A loss term asked an adapter for a tap or a record it cannot give (unknown, frozen, or a
+    single-stage detector asked for RoIs); the CLI prints it as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class RoIRecord:
+    """The RoIs of one Faster R-CNN forward pass, per image, as alignment terms read them.
+
+    R = sum of ``counts`` (R_i per image), K object classes (class 0 background); boxes in the
+    network-input frame (after the detector's resize), xyxy pixels.
+
+    Shape:
+        boxes: one [R_i, 4] per image: the sampled RoIs (labelled images) or the unlabelled sample.
+        counts: [R_i] per image, to split the [R, ...] tensors below.
+        labels: one int64 [R_i] per image (0 = background) on labelled images, None unlabelled.
+        objectness: one [R_i] per image, the RPN's probability (ground-truth boxes that the RoI
+            sampler adds to the proposals of labelled images count as 1.0).
+        logits: [R, K + 1]; regression: [R, 4 (K + 1)] (with the graph, as the losses use them).
+        refined: [R, 4] the decoded box of each RoI's argmax foreground class, clipped, detached.
+        pooled: [R, C, 7, 7] the RoIAlign output before the box head (with the graph), or None
+            unless asked (``request_rois(pooled=True)``).
+        image_sizes: (h, w) per image after the resize.
+        input: [B, 3, H, W] the resized images before normalisation, in [0, 1], zero-padded.
+    """
+
+    boxes: list[torch.Tensor]
+    counts: list[int]
+    labels: list[torch.Tensor] | None
+    objectness: list[torch.Tensor]
+    logits: torch.Tensor
+    regression: torch.Tensor
+    refined: torch.Tensor
+    pooled: torch.Tensor | None
+    image_sizes: list[tuple[int, int]]
+    input: torch.Tensor

@@ -377,16 +377,18 @@ class SynthShapes(DetectionSet):
     images in memory (about 48 KB per 128x128 image) for repeated epochs.
     """
 
+    name = "synth_shapes"
+
     def __init__(self, *, split: str, num_images: int = 600, seed: int = 0, height: int = 128, width: int = 128,
                  class_names: Sequence[str] | None = None, list_file: str | None = None, with_labels: bool = True,
                  root: str | None = None, cache: bool = True) -> None:
         if split not in synth_det.SPLITS:
-            raise DataError(f"synth_shapes split {split!r} is unknown; choose one of: {', '.join(synth_det.SPLITS)}")
+            raise DataError(f"{self.name} split {split!r} is unknown; choose one of: {', '.join(synth_det.SPLITS)}")
         if root is not None:
-            raise DataError("synth_shapes is generated in memory and takes no root; read a benchmark written by "
+            raise DataError(f"{self.name} is generated in memory and takes no root; read a benchmark written by "
                             "write_det_benchmark with the voc data set")
         if class_names is not None and tuple(class_names) != synth_det.CLASS_NAMES:
-            raise DataError(f"synth_shapes has the classes {', '.join(synth_det.CLASS_NAMES)} in this order; "
+            raise DataError(f"{self.name} has the classes {', '.join(synth_det.CLASS_NAMES)} in this order; "
                             "set class_names to exactly these or leave them out")
         self.split, self.seed, self.size, self.with_labels, self.cache = split, seed, (height, width), with_labels, cache
         self.class_names, all_ids = synth_det.CLASS_NAMES, [f"{split}_{i:05d}" for i in range(num_images)]
@@ -397,10 +399,13 @@ class SynthShapes(DetectionSet):
     def _render(self, index: int) -> synth_det.DetImage:
         if index in self._cache:
             return self._cache[index]
-        out = synth_det.render(self.split, self.indices[index], seed=self.seed, height=self.size[0], width=self.size[1])
+        out = self._draw(self.indices[index])
         if self.cache:
             self._cache[index] = out
         return out
+
+    def _draw(self, index: int) -> synth_det.DetImage:
+        return synth_det.render(self.split, index, seed=self.seed, height=self.size[0], width=self.size[1])
 
     def _image(self, index: int) -> np.ndarray:
         return self._render(index).image
@@ -414,6 +419,36 @@ class SynthShapes(DetectionSet):
         r = self._render(index)
         return {"boxes": torch.from_numpy(r.boxes.copy()), "labels": torch.from_numpy(r.labels.copy()),
                 "difficult": torch.zeros(len(r.labels), dtype=torch.bool)}
+
+
+@DET_DATASETS.register("synth_shapes_fog")
+class SynthShapesFog(SynthShapes):
+    """``synth_shapes`` photo-like in both domains, the target splits in fog
+    (:func:`selftrain.data.synth_det.render_fog`): a Cityscapes -> Foggy Cityscapes analogue.
+
+    ``beta``: fog density in 1/m (default 0.02, the Foggy Cityscapes val set the papers report; 0
+    is the clear image); ``same_scenes``: target_train shows the source scenes in fog, as Foggy
+    Cityscapes train shows Cityscapes train. Other options as ``synth_shapes``.
+    """
+
+    name = "synth_shapes_fog"
+
+    def __init__(self, *, split: str, beta: float = synth_det.FOG_BETA, same_scenes: bool = False,
+                 num_images: int = 600, seed: int = 0, height: int = 128, width: int = 128,
+                 class_names: Sequence[str] | None = None, list_file: str | None = None, with_labels: bool = True,
+                 root: str | None = None, cache: bool = True) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise DataError(f"synth_shapes_fog beta must be a number >= 0 (1/m; Foggy Cityscapes: "
+                            f"{', '.join(map(str, FOGGY_BETAS))}), got {beta!r}")
+        if not isinstance(same_scenes, bool):
+            raise DataError(f"synth_shapes_fog same_scenes must be true or false, got {same_scenes!r}")
+        super().__init__(split=split, num_images=num_images, seed=seed, height=height, width=width,
+                         class_names=class_names, list_file=list_file, with_labels=with_labels, root=root, cache=cache)
+        self.beta, self.same_scenes = float(beta), same_scenes
+
+    def _draw(self, index: int) -> synth_det.DetImage:
+        return synth_det.render_fog(self.split, index, seed=self.seed, height=self.size[0], width=self.size[1],
+                                    beta=self.beta, same_scenes=self.same_scenes)
 
 
 def build_det_dataset(name: str, *, root: str | None, split: str, options: dict[str, Any],

@@ -62,6 +62,9 @@ def _voc_like(writer: Callable[..., dict], split: str) -> Callable[[Path], Spec]
 DETECTION: dict[str, Callable[[Path], Spec]] = {
     "synth_shapes": lambda tmp: Spec(None, "target_val", {"num_images": 2, "height": 64, "width": 64},
                                      ["target_val_00000", "target_val_00001"]),
+    "synth_shapes_fog": lambda tmp: Spec(None, "target_train", {"num_images": 2, "height": 64, "width": 64,
+                                                                "same_scenes": True},
+                                         ["target_train_00000", "target_train_00001"]),
     "voc": lambda tmp: Spec(tmp / "VOCdevkit", "trainval", ids=list(write_voc(tmp / "VOCdevkit"))),
     "clipart": _voc_like(write_clipart, "train"),
     "watercolor": _voc_like(write_clipart, "test"),

@@ -17,9 +17,9 @@ SSD_LOSSES, RCNN_LOSSES = {"cls", "box"}, {"rpn_cls", "rpn_box", "roi_cls", "roi
 SMALL = {"tiny_ssd": {}, "ssd300_vgg16": {},
          "fasterrcnn_mobilenet": {"min_size": 128, "max_size": 128},
          "fasterrcnn_resnet50_fpn": {"min_size": 128, "max_size": 128},
-         "fasterrcnn_vgg16": {"min_size": 128, "max_size": 128, "width": 64}}
+         "fasterrcnn_vgg16": {"min_size": 128, "max_size": 128, "width": 64}, "tiny_frcnn": {}}
 SLOW = {"ssd300_vgg16", "fasterrcnn_resnet50_fpn"}  # a forward pass costs seconds on a CPU
-DETECTORS = sorted(n for n in ADAPTERS.names() if ADAPTERS.get(n).__module__.endswith(".detection"))
+DETECTORS = sorted(n for n in ADAPTERS.names() if ADAPTERS.get(n).__module__.endswith((".detection", ".tiny_frcnn")))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -31,7 +31,7 @@ from selftrain.data.detsets import (
 from selftrain.errors import ConfigError, DataError
 
 NAMES = ["cityscapes_boxes", "clipart", "coco", "comic", "foggy_cityscapes_boxes", "kitti", "sim10k", "synth_shapes",
-         "voc", "watercolor"]
+         "synth_shapes_fog", "voc", "watercolor"]
 
 
 def _build(name, root, split, class_names=None, with_labels=True, **options):
