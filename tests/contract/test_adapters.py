@@ -17,7 +17,7 @@ SMALL = {"smp_deeplabv3plus": {"encoder": "resnet18"}, "smp_deeplabv3": {"encode
 
 
 # detectors have their own contract (tests/contract/test_det_adapters.py)
-SEGMENTERS = [n for n in ADAPTERS.names() if not ADAPTERS.get(n).__module__.endswith(".detection")]
+SEGMENTERS = ADAPTERS.names(task="segmentation")
 # full-size only (no small option); fcn_resnet50 covers the same code in the fast suite
 SLOW = {"fcn_resnet101"}
 
