@@ -53,12 +53,21 @@ class SegmentationAdapter(Adapter, Protocol):
 @runtime_checkable
 class DetectionAdapter(Adapter, Protocol):
     """``predict(images)``: one :class:`DetPrediction` per image; ``dense_logits``: True when
-    ``forward_train``'s logits hold one row per default box (SSD), which BSR needs."""
+    ``forward_train``'s logits hold one row per default box (SSD), which BSR needs.
+    ``feature_taps`` declares the backbone maps a loss term may ``request_taps`` (they then appear
+    in ``StepOutputs.features``); ``request_rois`` fills ``StepOutputs.rois`` (two-stage detectors;
+    a TapError elsewhere)."""
 
     num_classes: int
     dense_logits: bool
 
     def predict(self, images: Any) -> list[DetPrediction]: ...
+
+    def feature_taps(self) -> dict[str, Any]: ...
+
+    def request_taps(self, names: Sequence[str]) -> dict[str, Any]: ...
+
+    def request_rois(self, *, pooled: bool = False) -> None: ...
 
 
 @runtime_checkable
@@ -109,7 +118,9 @@ class Teacher(Protocol):
 
 @runtime_checkable
 class Task(Protocol):
-    """Segmentation or detection: batches, augmentation, the supervised step, evaluation."""
+    """Segmentation or detection: batches, augmentation, the supervised step, evaluation, and what
+    the labelling pipeline (:mod:`selftrain.pseudo`) needs: a labeller for the policy, the model's
+    predictions over (a shard of) the target set, and a sink that counts and writes the labels."""
 
     def augment(self, dataset: Dataset, mine_classes: Sequence[int] = ()) -> Dataset: ...
 
@@ -121,6 +132,12 @@ class Task(Protocol):
 
     def online_step(self, adapter: Any, teacher: Any, policy: Any, batch: dict[str, Any], *, device: str,
                     progress: float) -> StepOutputs: ...
+
+    def labeller(self, policy: Any, *, portion: float, progress: float, device: str) -> Any: ...
+
+    def predictions(self, model: Any, dataset: Dataset, scratch: Any, *, device: str, offline: bool) -> Any: ...
+
+    def sink(self, dataset: Dataset) -> Any: ...
 
 
 @runtime_checkable
