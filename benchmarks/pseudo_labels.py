@@ -41,9 +41,24 @@ MODEL_OPTIONS = {
 }
 
 
+def calibrated(adapter, num_classes: int, size: tuple[int, int]):
+    """Random weights, with the score layers rescaled so the logits spread like a trained model's
+    (std ~2): a random DeepLab-v2 R101 reaches |z| ~ 1e5, a one-hot softmax no trained model gives."""
+    scores = [m for m in adapter.model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == num_classes]
+    with torch.no_grad():
+        z = adapter.native_logits(torch.randn(1, 3, *size, device=next(adapter.model.parameters()).device))
+        for m in scores:
+            m.weight *= 2.0 / max(float(z.std()), 1e-6)
+            if m.bias is not None:
+                m.bias.zero_()
+    return adapter
+
+
 def setup(args):
     torch.manual_seed(0)
     adapter = create_adapter(args.model, num_classes=len(CLASS_NAMES), **MODEL_OPTIONS[args.model]).to(args.device)
+    if args.model == "deeplabv2":
+        calibrated(adapter, len(CLASS_NAMES), (args.height // 4, args.width // 4))
     # Rendered on the fly (no cache, so memory cannot grow with the set) and wrapped so that the
     # optional pseudo-label precision against target ground truth is not part of the measurement.
     data = SynthStreet(split="target_train", num_images=args.images, height=args.height, width=args.width,

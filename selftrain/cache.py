@@ -31,6 +31,8 @@ from .types import SegPrediction
 
 log = logging.getLogger(__name__)
 
+_FLOAT16_MAX = 65504.0
+
 
 class LogitCache:
     """Append-only float16 scratch file of logit batches, read back in the same order.
@@ -42,6 +44,7 @@ class LogitCache:
         self.path = path
         self.shapes: list[tuple[int, ...]] = []
         self._fh: Any = None
+        self._warned = False
 
     def __enter__(self) -> LogitCache:
         return self
@@ -51,11 +54,21 @@ class LogitCache:
 
     def write(self, logits: torch.Tensor) -> torch.Tensor:
         """Store a batch; returns the float16-rounded logits (on their device, as float32) so every
-        pass sees identical values."""
+        pass sees identical values.
+
+        Logits beyond float16's range (|z| > 65504, where the softmax is one-hot anyway) are clipped
+        to it rather than stored as infinities, whose costs would be NaN; a warning says so once.
+        """
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "wb")
-        half = logits.detach().to(torch.float16)
+        logits = logits.detach()
+        top = float(logits.abs().max()) if logits.numel() else 0.0
+        if top > _FLOAT16_MAX and not self._warned:
+            self._warned = True
+            log.warning("logits up to %.3g exceed float16's range: the labelling cache clips them to +-65504 (a model "
+                        "with such logits has probably diverged)", top)
+        half = logits.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
         self._fh.write(half.cpu().contiguous().numpy().tobytes())
         self.shapes.append(tuple(half.shape))
         return half.float()
