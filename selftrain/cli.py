@@ -20,6 +20,7 @@ import contextlib
 import errno
 import functools
 import logging
+import re
 import shlex
 import sys
 import traceback
@@ -118,14 +119,32 @@ def _interrupted_message() -> str:
 
 
 def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    together = dist.launched() and exc is not None and dist.raised_everywhere(exc)
+    if together and dist.launched_rank() != 0:
+        _meet()  # rank 0 prints the same line before any rank exits (torchrun then stops the rest)
+        sys.exit(code)
     if dist.launched():
-        if exc is not None and dist.raised_everywhere(exc) and dist.launched_rank() != 0:
-            sys.exit(code)  # rank 0 prints the same line
         message = f"rank {dist.launched_rank()}: {message}"
     if _debug():
         traceback.print_exc()
     click.echo(f"error: {message}", err=True)
+    if together:
+        _meet()
     sys.exit(code)
+
+
+def _meet() -> None:
+    """A last barrier of ranks that stop together; a peer already gone ends it at once."""
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+
+
+def _peer_message(exc: BaseException) -> str:
+    """The first sentence of a backend's error, without its source location (``[.../pair.cc:561]``)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(exc)))
+    return text.split(". ")[0][:200]
 
 
 def _peer_lost(exc: BaseException) -> bool:
@@ -154,7 +173,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(os_error_message(exc), EXIT_USER)
         except Exception as exc:
             if _peer_lost(exc):
-                _fail(f"another process of this run stopped ({_one_line(str(exc))[:200]}); its own error line, "
+                _fail(f"another process of this run stopped ({_peer_message(exc)}); its own error line, "
                       "or torchrun's report, names the cause", EXIT_FAILED)
             _fail(internal_error_message(exc), EXIT_FAILED)
 
