@@ -147,7 +147,7 @@ class Engine:
 
     def _train(self, phase: Phase, state: dict[str, Any] | None, **extra: Any) -> dict[str, float]:
         """Run ``phase`` (from ``state``, a step checkpoint of it, when given); the mean losses."""
-        gen = seed_everything(phase.seed)
+        gen = seed_everything(phase.seed, per_rank=True)
         streams = open_streams(phase, gen, num_workers=self.data.num_workers, collate_fn=self.task.collate,
                                pin_memory=self.device.startswith("cuda"))
         optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)

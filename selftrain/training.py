@@ -45,6 +45,7 @@ from .types import StepBatch
 
 OPTIMISERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RANK_SEED_STRIDE = 104_729  # seed_everything(per_rank=True): rank r's process generators start at seed + r x this
 DIVERGENCE_FACTOR = 1e3  # FiniteGuard: a loss over 1000 x max(its running median, 1) stops the phase
 
 
@@ -135,11 +136,17 @@ def lr_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
     return group["lr"] / nominal if nominal else 1.0
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch generator for samplers."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, *, per_rank: bool = False) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator for samplers (seeded with ``seed``).
+
+    ``per_rank`` (a training phase): under torchrun the process generators, which augment the
+    samples, take ``seed + RANK_SEED_STRIDE * rank`` so that the ranks' shares are not augmented
+    alike; the returned generator, which draws the batches' permutations, stays the same on every
+    rank. In one process nothing changes."""
+    process = seed + RANK_SEED_STRIDE * dist.rank() if per_rank else seed
+    random.seed(process)
+    np.random.seed(process % 2**32)
+    torch.manual_seed(process)
     return torch.Generator().manual_seed(seed)
 
 
