@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from selftrain import dist
-from selftrain.training import (FiniteGuard, LossMeter, Precision, Replicas, StepResult, StepRunner, evaluate,
+from selftrain.tasks import DetectionTask
+from selftrain.training import (FiniteGuard, LossMeter, Replicas, StepResult, StepRunner, evaluate,
                                 make_scheduler)
+from selftrain.types import DetPrediction
 
 WORLD = 2
 X = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
@@ -61,6 +64,35 @@ class Conv:
         return type("P", (), {"logits": self.net(images)})()
 
 
+class Boxes(Dataset):
+    """Image i: one ground-truth box of class 1 + i % 2."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.full((3, 8, 8), float(i)), "boxes": torch.tensor([[1.0, 1.0, 6.0, 6.0]]),
+                "labels": torch.tensor([1 + i % 2]), "id": str(i)}
+
+
+class Detector:
+    """A stand-in detector: from image i (filled with i) one box of the right class, shifted off its
+    ground truth for image 2 only (rank 0's shard, images 0 and 1, alone would score 100)."""
+
+    def predict(self, images):
+        out = []
+        for im in images:
+            i = int(im[0, 0, 0])
+            box = torch.tensor([[1.0, 1.0, 6.0, 6.0]]) + (3 if i == 2 else 0)
+            out.append(DetPrediction(boxes=box, scores=torch.tensor([0.5 + 0.1 * i]), labels=torch.tensor([1 + i % 2])))
+        return out
+
+
+def detection_map() -> dict:
+    return DetectionTask(SimpleNamespace(eval_batch=2, num_classes=2)).evaluate(Detector(), Boxes(), device="cpu",
+                                                                               desc="evaluate")
+
+
 def worker(rank: int, port: int, out: str) -> None:
     td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                           timeout=datetime.timedelta(seconds=60))
@@ -84,6 +116,7 @@ def worker(rank: int, port: int, out: str) -> None:
     meter.add({"a": torch.tensor(float(rank + 1))})
     results["means"] = meter.means(1)
     results["eval"] = evaluate(Conv(), Pixels(), num_classes=3, ignore_index=255, batch_size=2, device=torch.device("cpu"))
+    results["map"] = detection_map()
     torch.save(results, f"{out}/rank{rank}.pt")
     td.destroy_process_group()
 
@@ -131,3 +164,5 @@ def test_loss_means_and_sharded_evaluation_equal_one_process(group_results):
     assert group_results[0]["means"] == group_results[1]["means"] == {"a": 1.5}
     one = evaluate(Conv(), Pixels(), num_classes=3, ignore_index=255, batch_size=2, device=torch.device("cpu"))
     assert group_results[0]["eval"] == group_results[1]["eval"] == one
+    assert group_results[0]["map"] == group_results[1]["map"] == detection_map()
+    assert 0 < detection_map()["map"] < 100  # image 2's miss counts: every rank scored the whole set
