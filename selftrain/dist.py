@@ -209,13 +209,17 @@ def raised_everywhere(exc: BaseException) -> bool:
     return bool(getattr(exc, "selftrain_everywhere", False))
 
 
-def shard_of(dataset: Any) -> Any:
-    """This rank's :func:`shard` of ``dataset`` (a ``Subset``); the data set itself in one process."""
+def shard_of(dataset: Any, batch_size: int = 1) -> Any:
+    """This rank's contiguous shard of the whole ``batch_size`` batches of ``dataset`` (a ``Subset``;
+    the data set itself in one process): every rank's batches are batches of one process, so
+    predictions do not depend on the number of processes; a rank may get none."""
     if not active():
         return dataset
     from torch.utils.data import Subset
 
-    return Subset(dataset, list(shard(len(dataset))))
+    n = len(dataset)
+    batches = shard(-(-n // batch_size))
+    return Subset(dataset, range(min(batches.start * batch_size, n), min(batches.stop * batch_size, n)))
 
 
 def launched_rank() -> int:

@@ -116,7 +116,7 @@ class DetectionTask:
     @torch.no_grad()
     def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
         detections, truths = [], []
-        loader = DataLoader(dist.shard_of(dataset), batch_size=self.data.eval_batch, shuffle=False,
+        loader = DataLoader(dist.shard_of(dataset, self.data.eval_batch), batch_size=self.data.eval_batch, shuffle=False,
                             collate_fn=_eval_collate)
         for images, gts in progress(loader, desc=desc, unit="batch"):
             for pred in adapter.predict([im.to(device) for im in images]):

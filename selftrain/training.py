@@ -452,12 +452,12 @@ def evaluate(adapter, dataset: Dataset, *, num_classes: int, ignore_index: int, 
              device: torch.device, desc: str = "evaluate", tta: TestTimeAugment | None = None) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set (``tta``: multi-scale/flip views).
 
-    Under torchrun each rank predicts its exact contiguous shard (:func:`selftrain.dist.shard`) and
-    the int64 confusion matrices are summed over ranks, so every rank returns the numbers of one
-    process over the whole set."""
+    Under torchrun each rank predicts its contiguous shard of whole batches
+    (:func:`selftrain.dist.shard_of`: the batches one process makes) and the int64 confusion
+    matrices are summed over ranks, so every rank returns the numbers of one process."""
     tta = tta or TestTimeAugment()
     cm = ConfusionMatrix(num_classes, ignore_index)
-    loader = DataLoader(dist.shard_of(dataset), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dist.shard_of(dataset, batch_size), batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch in progress(loader, desc=desc, unit="batch"):
         pred = tta.predict(adapter, batch["image"].to(device)).logits.argmax(1).cpu()
         cm.update(pred, batch["label"])
