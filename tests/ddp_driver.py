@@ -8,12 +8,14 @@ flush runs), raises a DataError (``error``: a known error, exit code 2), or make
 (``nan``: the non-finite guard must stop every rank together). ``DDP_AUDIT``: every rank records
 in ``DIR/rank<R>.json`` the files it created, opened for writing, renamed, linked or removed under
 ``--out`` (Python's audit events: ``open``, ``os.rename``, ``os.replace``, ``os.link``, ``os.remove``,
-``os.mkdir``).
+``os.mkdir``). ``DDP_STATE``: when the run ends every rank writes ``DIR/state<R>.json``, a digest
+of each tensor of its model, teacher and loss terms (their discriminators and optimisers).
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import signal
@@ -67,6 +69,34 @@ def audit(folder: Path, report: Path) -> None:
     atexit.register(lambda: report.write_text(json.dumps(writes)))
 
 
+def digests(state) -> dict[str, str]:
+    """``{path: sha1 of the tensor's bytes}`` over a nested state dict."""
+    out = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+        elif hasattr(value, "detach"):
+            out[prefix] = hashlib.sha1(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    walk("", state)
+    return out
+
+
+def recording_state(run, folder: Path):
+    def wrapper(engine, *args, **kwargs):
+        records = run(engine, *args, **kwargs)
+        state = {"model": engine.adapter.state_dict(), **engine._carried()}
+        (folder / f"state{os.environ.get('RANK', '0')}.json").write_text(json.dumps(digests(state)))
+        return records
+
+    return wrapper
+
+
 if __name__ == "__main__":
     if "DDP_FAIL" in os.environ:
         mode, rank, at = os.environ["DDP_FAIL"].split(":")
@@ -74,4 +104,6 @@ if __name__ == "__main__":
     if "DDP_AUDIT" in os.environ:
         out = Path(sys.argv[sys.argv.index("--out") + 1])
         audit(out, Path(os.environ["DDP_AUDIT"]) / f"rank{os.environ.get('RANK', '0')}.json")
+    if "DDP_STATE" in os.environ:
+        selftrain.engine.Engine.run = recording_state(selftrain.engine.Engine.run, Path(os.environ["DDP_STATE"]))
     main(args=sys.argv[1:], prog_name="selftrain")

@@ -76,6 +76,23 @@ def test_torchrun_with_one_process_is_the_single_process_run_bit_for_bit(tiny_re
     assert record(tmp_path / "one") == record(tmp_path / "tr")
 
 
+@pytest.mark.slow
+def test_model_ema_teacher_and_discriminators_stay_identical_on_both_ranks(det_tiny_recipe, tmp_path):
+    """An online mean-teacher detection run with a DANN term: after round 0 and two online rounds,
+    every tensor of the student (BatchNorm buffers included), the EMA teacher, the discriminator and
+    its optimiser's state is the same on both ranks, bit for bit."""
+    states = tmp_path / "states"
+    states.mkdir()
+    done, _ = torchrun(["run", det_tiny_recipe, "--out", tmp_path / "run", "--quiet", "--set", "policy.name=mean_teacher",
+                        "--set", "policy.options={threshold: 0.0, decay: 0.9}", "--set",
+                        "losses=[{name: dann, weight: 0.5}]"], env={"DDP_STATE": str(states)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((states / f"state{r}.json").read_text()) for r in (0, 1))
+    assert a == b
+    assert any(k.startswith("/model/") and k.endswith("running_mean") for k in a)  # each rank's BatchNorm moved
+    assert any(k.startswith("/teacher/model/") for k in a) and any(k.startswith("/loss_terms/optimizers") for k in a)
+
+
 def failed_run(recipe: Path, out: Path, fail: str):
     done, took = torchrun(["run", recipe, "--out", out, *TINY_SOURCE, "--set", "source_training.steps=400"],
                           env={"DDP_FAIL": fail})
