@@ -10,8 +10,10 @@ and step checkpoints are hooks of their own modules. Precision lives here and no
 
 Data-parallel training (torchrun, :mod:`selftrain.dist`): every rank runs the same step on its
 share of the step's batch, and the runner averages the gradients of every optimiser it steps (the
-model's and the loss terms' discriminators') with one explicit all-reduce per optimiser step,
-after the last micro-batch and before clipping and the scaler's unscale. An explicit average,
+model's and those of hooks' ``optimizers()``) with one explicit all-reduce per optimiser step,
+after the last micro-batch and before clipping and the scaler's unscale; an update that steps its
+own optimiser (a loss term's discriminator) averages its gradients with
+:func:`selftrain.dist.average_gradients` before it steps. An explicit average,
 rather than wrapping the model in ``DistributedDataParallel``, is chosen because the adapters are
 not modules that DDP can wrap (they hide torchvision's train/eval switch behind ``forward_train`` /
 ``predict``), the discriminators' separate backward passes and gradient accumulation would need

@@ -76,21 +76,34 @@ def test_torchrun_with_one_process_is_the_single_process_run_bit_for_bit(tiny_re
     assert record(tmp_path / "one") == record(tmp_path / "tr")
 
 
-@pytest.mark.slow
-def test_model_ema_teacher_and_discriminators_stay_identical_on_both_ranks(det_tiny_recipe, tmp_path):
-    """An online mean-teacher detection run with a DANN term: after round 0 and two online rounds,
-    every tensor of the student (BatchNorm buffers included), the EMA teacher, the discriminator and
-    its optimiser's state is the same on both ranks, bit for bit."""
+def replica_states(recipe: Path, tmp_path: Path, *extra: str) -> tuple[dict, dict]:
+    """Digests of every rank's model, teacher and loss terms after an online mean-teacher run."""
     states = tmp_path / "states"
     states.mkdir()
-    done, _ = torchrun(["run", det_tiny_recipe, "--out", tmp_path / "run", "--quiet", "--set", "policy.name=mean_teacher",
-                        "--set", "policy.options={threshold: 0.0, decay: 0.9}", "--set",
-                        "losses=[{name: dann, weight: 0.5}]"], env={"DDP_STATE": str(states)})
+    done, _ = torchrun(["run", recipe, "--out", tmp_path / "run", "--quiet", "--set", "policy.name=mean_teacher",
+                        "--set", "policy.options={threshold: 0.0, decay: 0.9}", *extra], env={"DDP_STATE": str(states)})
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (json.loads((states / f"state{r}.json").read_text()) for r in (0, 1))
+    return a, b
+
+
+@pytest.mark.slow
+def test_the_model_and_the_ema_teacher_stay_identical_on_both_ranks(det_tiny_recipe, tmp_path):
+    """An online mean-teacher detection run (round 0 and two online rounds): every tensor of the
+    student (BatchNorm buffers included) and of the EMA teacher is the same on both ranks, bit for bit."""
+    a, b = replica_states(det_tiny_recipe, tmp_path)
     assert a == b
     assert any(k.startswith("/model/") and k.endswith("running_mean") for k in a)  # each rank's BatchNorm moved
-    assert any(k.startswith("/teacher/model/") for k in a) and any(k.startswith("/loss_terms/optimizers") for k in a)
+    assert any(k.startswith("/teacher/model/") for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="selftrain.losses.terms.sync_gradients refuses several processes; it is to call "
+                          "selftrain.dist.average_gradients (before its early returns)")
+def test_a_dann_discriminator_and_its_optimiser_stay_identical_on_both_ranks(det_tiny_recipe, tmp_path):
+    a, b = replica_states(det_tiny_recipe, tmp_path, "--set", "losses=[{name: dann, weight: 0.5}]")
+    assert a == b and any(k.startswith("/loss_terms/updates/") and "momentum" in k for k in a)
 
 
 def failed_run(recipe: Path, out: Path, fail: str):
