@@ -11,6 +11,7 @@ from .callbacks import ConsoleReport, MetricsWriter, PlotWriter, TensorBoardWrit
 from .checkpoint import RunDir
 from .config import RunConfig, to_yaml
 from .data import build_split, class_names, subset_metrics
+from .dist import local_device
 from .engine import Engine
 from .phases import Mining, Plan, RunData, SourcePhase, plan_rounds
 from .errors import ConfigError, DataError
@@ -159,7 +160,7 @@ def default_callbacks() -> list[Any]:
 def build_engine(cfg: RunConfig, out: str | Path) -> Engine:
     """Every object of a run, from a validated recipe."""
     data = build_data(cfg)  # missing data is named before anything else
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))  # under torchrun: this process's GPU
     seed_everything(cfg.seed)  # the model's initial weights depend on the seed alone
     plan = build_plan(cfg, len(data.target))
     task = build_task(cfg.task, data, mine_probability=plan.mining.probability, use_07=cfg.eval.use_07)

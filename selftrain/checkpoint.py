@@ -14,6 +14,10 @@ checkpoint, so ``--resume`` drops the lines of rounds after the newest checkpoin
 from the checkpoints the record of a checkpointed round whose line is missing: metrics.jsonl
 holds each complete round once, whatever moment a run was killed at. One process at a time uses
 a run folder (an exclusive lock on ``<run>/.lock``, dropped by the kernel however the process ends).
+
+Under torchrun rank 0 alone locks, prepares and writes the folder (:func:`save_state` and
+:func:`link_atomic` do nothing on the other ranks); the others wait until rank 0 has prepared it
+(:meth:`RunDir.open` hands them its outcome, an error included) and only then read from it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, dist
 from .errors import UserError
 from .io import atomic_path, write_text_atomic
 from .training import HookBase
@@ -124,10 +128,22 @@ class RunDir:
     @contextlib.contextmanager
     def open(self, recipe_yaml: str, resume: bool) -> Iterator[int | None]:
         """Hold the folder for a run: refuse a folder that is not a run, lock it, prepare it; yields
-        the last complete round when resuming (None: start at round 0). The lock goes with the block."""
-        self._refuse_foreign()
-        with run_lock(self.root):
-            yield self.prepare(recipe_yaml, resume)
+        the last complete round when resuming (None: start at round 0). The lock goes with the block.
+
+        Under torchrun rank 0 does all of this; the other ranks wait for its outcome and yield the
+        same round, or raise its error (printed once, by rank 0)."""
+        if not dist.is_main():
+            yield _outcome_of_rank_zero(None)
+            return
+        with contextlib.ExitStack() as held:
+            try:
+                self._refuse_foreign()
+                held.enter_context(run_lock(self.root))
+                last = self.prepare(recipe_yaml, resume)
+            except Exception as exc:
+                _outcome_of_rank_zero(exc)
+                raise dist.stopped_everywhere(exc)
+            yield _outcome_of_rank_zero(last)
 
     def prepare(self, recipe_yaml: str, resume: bool) -> int | None:
         """Make the locked directory ready; returns the last complete round when resuming.
@@ -206,8 +222,9 @@ class RunDir:
             return None
         if state.get("kind") == "step" and state.get("round") == round_index and state.get("recipe") == recipe_yaml:
             return state
-        with writing(self.step):
-            self.step.unlink()
+        if dist.is_main():
+            with writing(self.step):
+                self.step.unlink(missing_ok=True)
         return None
 
     def records(self) -> list[dict[str, Any]]:
@@ -275,6 +292,17 @@ class RunDir:
             if folder.is_dir():
                 for path in folder.glob(".*.tmp"):  # atomic_path's temporary names
                     path.unlink()
+
+
+def _outcome_of_rank_zero(outcome: Any) -> Any:
+    """Rank 0's ``outcome`` of preparing the run folder on every rank: its value, or on the other
+    ranks a :class:`UserError` carrying rank 0's error message (an exception passes through on rank 0)."""
+    if not dist.active():
+        return outcome
+    shared = dist.broadcast_object(("error", str(outcome)) if isinstance(outcome, Exception) else ("ok", outcome))
+    if dist.is_main() or shared[0] == "ok":
+        return outcome if dist.is_main() else shared[1]
+    raise dist.stopped_everywhere(UserError(shared[1]))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -387,7 +415,10 @@ def save_checkpoint(path: Path, *, round_index: int, model: dict, recipe_yaml: s
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary name, renamed onto ``path`` when complete; a failed write is a
-    :class:`WriteError` (through a file object, torch keeps the ``OSError`` and its errno)."""
+    :class:`WriteError` (through a file object, torch keeps the ``OSError`` and its errno). Under
+    torchrun only rank 0 writes."""
+    if not dist.is_main():
+        return
     with writing(path), atomic_path(path, suffix=".pt.tmp") as tmp:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
@@ -407,7 +438,10 @@ class StepCheckpoint(HookBase):
 
 
 def link_atomic(source: Path, link: Path) -> None:
-    """Point ``link`` at ``source``'s content (a hard link, a copy where links fail), atomically."""
+    """Point ``link`` at ``source``'s content (a hard link, a copy where links fail), atomically
+    (rank 0 only under torchrun)."""
+    if not dist.is_main():
+        return
     tmp = link.with_name(f".{link.name}.tmp")
     with writing(link):
         tmp.unlink(missing_ok=True)

@@ -6,6 +6,12 @@ read-only folder, a full disk), naming the path and the system's message; a dive
 line and exit code 1; anything else is an internal error, one line with its type and message and
 exit code 1; Ctrl-C is one line saying how to continue, exit code 130. ``--debug`` (or
 ``SELFTRAIN_DEBUG=1``) adds the full traceback to any of them.
+
+Under torchrun (``torchrun --nproc_per_node N -m selftrain run RECIPE``) ``run`` and ``evaluate``
+join the process group, rank 0 alone prints, and an error reads ``error: rank R: <problem>`` with
+the same exit codes. An error every rank raised from a decision taken together (a non-finite loss,
+a run folder rank 0 refused) is printed once, by rank 0; a rank whose peer vanished (killed, or
+stopped by its own error) says so in one line, and torchrun stops the remaining processes.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import errno
 import functools
 import logging
+import re
 import shlex
 import sys
 import traceback
@@ -22,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from . import dist
 from .errors import UserError
 
 EXIT_USER, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -44,7 +52,7 @@ def _setup_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("selftrain")
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.setLevel(logging.ERROR if not dist.launched_main() else logging.WARNING if quiet else logging.INFO)
     root.propagate = False
     from .progress import set_quiet
 
@@ -110,11 +118,38 @@ def _interrupted_message() -> str:
     return f"interrupted; continue with `{resume_command(ctx)}` (the same --out and --set, plus --resume)"
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    together = dist.launched() and exc is not None and dist.raised_everywhere(exc)
+    if together and dist.launched_rank() != 0:
+        _meet()  # rank 0 prints the same line before any rank exits (torchrun then stops the rest)
+        sys.exit(code)
+    if dist.launched():
+        message = f"rank {dist.launched_rank()}: {message}"
     if _debug():
         traceback.print_exc()
     click.echo(f"error: {message}", err=True)
+    if together:
+        _meet()
     sys.exit(code)
+
+
+def _meet() -> None:
+    """A last barrier of ranks that stop together; a peer already gone ends it at once."""
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+
+
+def _peer_message(exc: BaseException) -> str:
+    """The first sentence of a backend's error, without its source location (``[.../pair.cc:561]``)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(exc)))
+    return text.split(". ")[0][:200]
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another process of the run went away (torchrun only)."""
+    return dist.launched() and dist.is_peer_error(exc)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,14 +164,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _fail(_interrupted_message(), EXIT_INTERRUPTED)
         except UserError as exc:
-            _fail(_one_line(str(exc)), EXIT_USER)
+            _fail(_one_line(str(exc)), EXIT_USER, exc)
         except FloatingPointError as exc:  # the run diverged: not bad input, but no traceback either
-            _fail(f"{_one_line(str(exc))}; lower the learning rate or check the labels", EXIT_FAILED)
+            _fail(f"{_one_line(str(exc))}; lower the learning rate or check the labels", EXIT_FAILED, exc)
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # stdout closed early (`| head`): click quiets it
                 raise
             _fail(os_error_message(exc), EXIT_USER)
         except Exception as exc:
+            if _peer_lost(exc):
+                _fail(f"another process of this run stopped ({_peer_message(exc)}); its own error line, "
+                      "or torchrun's report, names the cause", EXIT_FAILED)
             _fail(internal_error_message(exc), EXIT_FAILED)
 
     wrapper.error_contract = True  # type: ignore[attr-defined]
@@ -197,11 +235,20 @@ def run(recipe: str, overrides: tuple[str, ...], out: str | None, resume: bool, 
     from .catalog import resolve_recipe
     from .config import load_recipe
 
-    _setup_logging(quiet)
+    _setup_logging(quiet or not dist.launched_main())  # under torchrun rank 0 alone prints
     cfg = load_recipe(resolve_recipe(recipe), overrides)
+    _join_group(cfg.device)
     out_dir = Path(out) if out else Path("runs") / cfg.name
     build_engine(cfg, out_dir).run(resume=resume)
-    click.echo(f"run directory: {out_dir}")
+    if dist.is_main():
+        click.echo(f"run directory: {out_dir}")
+
+
+def _join_group(device: str) -> None:
+    """Under torchrun, join the process group (gloo on the CPU, NCCL on CUDA); else nothing."""
+    from .build import resolve_device
+
+    dist.init_from_env(dist.local_device(resolve_device(device)))
 
 
 @main.command()
@@ -225,11 +272,13 @@ def evaluate(recipe: str, checkpoint: str, overrides: tuple[str, ...]) -> None:
         raise UserError("the recipe has no data.target_val; add a labelled target val set to evaluate")
     adapter = build_adapter(cfg)
     load_weights(adapter, checkpoint, recipe_yaml=to_yaml(cfg))  # refused before any tensor is loaded if it does not fit
-    device = resolve_device(cfg.device)
+    _join_group(cfg.device)
+    device = dist.local_device(resolve_device(cfg.device))
     task = build_task(cfg.task, data, use_07=cfg.eval.use_07)
     with Precision(cfg.precision, device).autocast():
         result = task.evaluate(adapter.to(device), data.target_val, device=device, desc="evaluate")
-    click.echo(format_eval(result, data.class_names))
+    if dist.is_main():
+        click.echo(format_eval(result, data.class_names))
 
 
 @main.group()

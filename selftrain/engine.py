@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from . import dist
 from .checkpoint import (RunDir, StepCheckpoint, link_atomic, load_model, load_weights, rng_state, save_checkpoint,
                          save_state, set_rng_state, writing)
 from .data.transforms import PseudoLabeled
@@ -30,7 +31,7 @@ from .pseudo import label_round
 from .store import RoundMeta, open_round, written_by
 from .teachers import TeacherUpdate, make_teacher
 from .types import RoundLabels
-from .training import (FiniteGuard, LossMeter, Precision, StepRunner, make_optimizer, make_scheduler,
+from .training import (FiniteGuard, LossMeter, Precision, Replicas, StepRunner, make_optimizer, make_scheduler,
                        parameter_groups, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.teacher = None  # made when the first online round starts, from the model it starts from
+        if not dist.is_main():
+            self.callbacks = []  # under torchrun rank 0 alone writes metrics, plots and the console
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run (or continue) every round; returns one metrics record per round."""
@@ -144,13 +147,15 @@ class Engine:
 
     def _train(self, phase: Phase, state: dict[str, Any] | None, **extra: Any) -> dict[str, float]:
         """Run ``phase`` (from ``state``, a step checkpoint of it, when given); the mean losses."""
-        gen = seed_everything(phase.seed)
+        gen = seed_everything(phase.seed, per_rank=True)
         streams = open_streams(phase, gen, num_workers=self.data.num_workers, collate_fn=self.task.collate,
                                pin_memory=self.device.startswith("cuda"))
         optimizer = make_optimizer(parameter_groups(self.adapter, phase.optim.head_lr_mult), phase.optim)
         meter = LossMeter()
         discriminators = DiscriminatorUpdate(self.terms, phase.terms) if self.terms.needs(phase.terms) else None
         hooks = [FiniteGuard(phase.optim.divergence_factor), *([discriminators] if discriminators else []), meter]
+        if dist.active():  # before the teacher's update: it copies the buffers rank 0 broadcasts
+            hooks.insert(1, Replicas([self.adapter, *(e.term for e in self.terms.entries)]))
         if phase.target_use == "online":
             hooks.append(TeacherUpdate(self.teacher, self.adapter, offset=phase.progress_offset))
         runner = StepRunner(optimizer=optimizer, scheduler=make_scheduler(optimizer, phase.schedule, phase.steps),
@@ -213,8 +218,10 @@ class Engine:
         save_checkpoint(path, round_index=index, model=self.adapter.state_dict(), recipe_yaml=self.recipe_yaml,
                         record=record, **self._carried())
         link_atomic(path, self.run_dir.last)
-        with writing(self.run_dir.step):
-            self.run_dir.step.unlink(missing_ok=True)  # the round's checkpoint supersedes it
+        if dist.is_main():
+            with writing(self.run_dir.step):
+                self.run_dir.step.unlink(missing_ok=True)  # the round's checkpoint supersedes it
+        dist.barrier()  # the other ranks read nothing of the round before rank 0 has written it
 
     def _evaluates(self, index: int) -> bool:
         """Every round, or (eval.every_round: false) the source-only round and the last one."""

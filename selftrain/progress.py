@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from tqdm import tqdm
 
+from . import dist
 from .errors import UserError
 
 T = TypeVar("T")
@@ -76,8 +77,8 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | No
     count in the display; ``losses`` is called only when a record is written and returns the
     latest named losses as floats.
     """
-    if _QUIET or os.environ.get("SELFTRAIN_QUIET") == "1":
-        return items
+    if _QUIET or os.environ.get("SELFTRAIN_QUIET") == "1" or not dist.is_main():
+        return items  # under torchrun, rank 0 alone shows progress
     if total is None:
         try:
             total = initial + len(items)  # type: ignore[arg-type]

@@ -11,6 +11,11 @@ generators (saved and restored with every step checkpoint). With workers, each s
 augmentation draws from generators seeded by ``(epoch seed, position in the epoch)``, so the
 augmentations do not depend on the number of workers nor on which worker took the sample, and a
 resumed stream repeats them exactly.
+
+Under torchrun (:mod:`selftrain.dist`) ``batch_size`` is the global batch of a step: every rank
+draws the same permutations from the same generator and takes its exact contiguous share of each
+batch (:func:`selftrain.dist.shard` over the batch's positions), so the ranks' shares of a step
+partition the very draws one process makes, and with one process the stream is unchanged.
 """
 
 from __future__ import annotations
@@ -22,13 +27,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import dist
+from .errors import ConfigError
+
 
 class EpochOrder(Sampler[list[Any]]):
     """The batches of one epoch of a stream: ``batch_size`` indices at a time from ``perm``, from
-    batch ``taken`` on (the last partial batch is dropped when the data set holds a full batch)."""
+    batch ``taken`` on (the last partial batch is dropped when the data set holds a full batch);
+    of each batch only rank ``rank``'s share out of ``world`` (default: this process's group)."""
 
-    def __init__(self, size: int, batch_size: int) -> None:
+    def __init__(self, size: int, batch_size: int, *, rank: int | None = None, world: int | None = None) -> None:
         self.size, self.batch_size = size, batch_size
+        self.rank = dist.rank() if rank is None else rank
+        self.world = dist.world_size() if world is None else world
+        if self.world > 1 and min(size, batch_size) < self.world:
+            raise ConfigError(f"a batch of {min(size, batch_size)} samples cannot be shared by {self.world} processes; "
+                              f"make every batch size (source_training.batch_size, rounds.batch_source, "
+                              f"rounds.batch_target) at least {self.world}, or start fewer processes")
         self.drop_last = size >= batch_size
         self.perm: list[int] | None = None
         self.taken = 0
@@ -65,6 +80,9 @@ class EpochOrder(Sampler[list[Any]]):
         assert self.perm is not None
         for b in range(self.taken, self.batches):
             positions = range(b * self.batch_size, min((b + 1) * self.batch_size, self.size))
+            if self.world > 1:
+                share = dist.shard(len(positions), self.rank, self.world)
+                positions = positions[share.start:share.stop]
             if self.seed is None:
                 yield [self.perm[j] for j in positions]
             else:
@@ -111,12 +129,15 @@ class BatchStream:
         generator: draws the permutations; several streams of a phase may share one.
         num_workers: DataLoader worker processes (persistent over epochs); 0 loads in this process.
         pin_memory: pin batches for faster copies to a GPU.
+        rank, world: whose share of each batch of ``batch_size`` this stream yields (default: this
+            process's rank in its torchrun group); the state is the same for every rank.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, *, num_workers: int = 0,
-                 collate_fn: Callable[[list], Any], pin_memory: bool = False) -> None:
+                 collate_fn: Callable[[list], Any], pin_memory: bool = False, rank: int | None = None,
+                 world: int | None = None) -> None:
         self.generator = generator
-        self.order = EpochOrder(len(dataset), batch_size)
+        self.order = EpochOrder(len(dataset), batch_size, rank=rank, world=world)
         self.seeded = num_workers > 0
         self.loader = DataLoader(SeededSamples(dataset) if self.seeded else dataset, batch_sampler=self.order,
                                  num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,

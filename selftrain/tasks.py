@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import dist
 from .data.transforms import Augment, DetAugment, photometric
 from .cache import CachedPredictions, LogitCache
 from .detection import keep_plausible
@@ -115,11 +116,14 @@ class DetectionTask:
     @torch.no_grad()
     def evaluate(self, adapter, dataset: Dataset, *, device: str, desc: str) -> dict[str, Any]:
         detections, truths = [], []
-        loader = DataLoader(dataset, batch_size=self.data.eval_batch, shuffle=False, collate_fn=_eval_collate)
+        loader = DataLoader(dist.shard_of(dataset, self.data.eval_batch), batch_size=self.data.eval_batch, shuffle=False,
+                            collate_fn=_eval_collate)
         for images, gts in progress(loader, desc=desc, unit="batch"):
             for pred in adapter.predict([im.to(device) for im in images]):
                 detections.append({"boxes": pred.boxes.cpu(), "scores": pred.scores.cpu(), "labels": pred.labels.cpu()})
             truths += gts
+        shards = dist.all_gather_objects((detections, truths))  # every rank scores the whole set (rank order)
+        detections, truths = [d for s in shards for d in s[0]], [t for s in shards for t in s[1]]
         mean_ap, per_class = voc_ap(detections, truths, self.data.num_classes, use_07=self.use_07)
         return {"map": _pct(mean_ap), "ap": [_pct(v) for v in per_class]}
 

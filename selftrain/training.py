@@ -7,6 +7,22 @@ step every optimiser through the scaler; step the schedule. Hooks see the step's
 arguments at ``before_step``, ``after_backward`` (once per micro-batch) and ``after_step``; the
 non-finite guard and the loss averages are hooks here, the discriminators' update, the EMA teacher
 and step checkpoints are hooks of their own modules. Precision lives here and nowhere else.
+
+Data-parallel training (torchrun, :mod:`selftrain.dist`): every rank runs the same step on its
+share of the step's batch, and the runner averages the gradients of every optimiser it steps (the
+model's and those of hooks' ``optimizers()``) with one explicit all-reduce per optimiser step,
+after the last micro-batch and before clipping and the scaler's unscale; an update that steps its
+own optimiser (a loss term's discriminator) averages its gradients with
+:func:`selftrain.dist.average_gradients` before it steps. An explicit average,
+rather than wrapping the model in ``DistributedDataParallel``, is chosen because the adapters are
+not modules that DDP can wrap (they hide torchvision's train/eval switch behind ``forward_train`` /
+``predict``), the discriminators' separate backward passes and gradient accumulation would need
+``no_sync`` bookkeeping, and the loss terms would see a wrapped model; what it gives up is DDP's
+overlap of the all-reduce with the backward pass (the benchmark ``benchmarks/ddp_throughput.py``
+measures what two processes gain). BatchNorm statistics are not synchronised during the forward
+pass (each rank normalises its own share, as DDP does without SyncBatchNorm); :class:`Replicas`
+broadcasts rank 0's buffers after every step so that every rank holds the same model, and rank 0's
+parameters when a phase starts. In one process all of this is a no-op.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import dist
 from .metrics import ConfusionMatrix
 from .progress import progress
 from .tta import TestTimeAugment
@@ -30,6 +47,7 @@ from .types import StepBatch
 
 OPTIMISERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RANK_SEED_STRIDE = 104_729  # seed_everything(per_rank=True): rank r's process generators start at seed + r x this
 DIVERGENCE_FACTOR = 1e3  # FiniteGuard: a loss over 1000 x max(its running median, 1) stops the phase
 
 
@@ -120,11 +138,17 @@ def lr_factor(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
     return group["lr"] / nominal if nominal else 1.0
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch generator for samplers."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, *, per_rank: bool = False) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator for samplers (seeded with ``seed``).
+
+    ``per_rank`` (a training phase): under torchrun the process generators, which augment the
+    samples, take ``seed + RANK_SEED_STRIDE * rank`` so that the ranks' shares are not augmented
+    alike; the returned generator, which draws the batches' permutations, stays the same on every
+    rank. In one process nothing changes."""
+    process = seed + RANK_SEED_STRIDE * dist.rank() if per_rank else seed
+    random.seed(process)
+    np.random.seed(process % 2**32)
+    torch.manual_seed(process)
     return torch.Generator().manual_seed(seed)
 
 
@@ -260,6 +284,7 @@ class StepRunner:
             for k, v in result.losses.items():
                 v = v.detach().double()
                 losses[k] = losses[k] + v / self.accumulate if k in losses else v / self.accumulate
+        dist.average_gradients(_unique(p for opt in optimizers for g in opt.param_groups for p in g["params"]))
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
@@ -283,14 +308,49 @@ class StepRunner:
             h.load_state_dict(s)
 
 
+def _unique(params: Any) -> list[torch.Tensor]:
+    """``params`` in order, each once (a tensor may sit in two optimisers' groups)."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 # --------------------------------------------------------------------------- generic hooks
+
+
+class Replicas(HookBase):
+    """Keeps every rank's copy of ``owners`` (the adapter, the loss terms: objects with
+    ``state_dict()`` and ``parameters()``) identical under torchrun: rank 0's parameters and buffers
+    are broadcast when the hook is made (the start of a phase), and its buffers (BatchNorm running
+    statistics, which each rank updates from its own share of the batch) after every optimiser
+    step. Parameters need no broadcast after a step: the averaged gradients and the same optimiser
+    keep them equal. A no-op in one process."""
+
+    def __init__(self, owners: Sequence[Any]) -> None:
+        self.owners = list(owners)
+        dist.broadcast_tensors(self._tensors(buffers_only=False))
+
+    def _tensors(self, buffers_only: bool) -> list[torch.Tensor]:
+        out = []
+        for owner in self.owners:
+            params = {p.data_ptr() for p in owner.parameters()}
+            out += [t for t in owner.state_dict().values() if isinstance(t, torch.Tensor)
+                    and not (buffers_only and t.data_ptr() in params)]
+        return out
+
+    def after_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        dist.broadcast_tensors(self._tensors(buffers_only=True))
 
 
 class FiniteGuard(HookBase):
     """Stop a phase on a non-finite or diverged loss, before the optimiser steps, with every
     component, the step and the phase in the message (the torchvision references stop on a
     non-finite loss the same way). One host sync per micro-batch: the components are copied to the
-    host together and checked there.
+    host together and checked there. Under torchrun every rank gathers every rank's components (one
+    all-gather) and decides on the same numbers, so all ranks stop together with the same message,
+    naming the rank whose loss was non-finite; divergence is judged on the mean over ranks (the
+    loss of the global batch).
 
     Divergence: a component whose magnitude exceeds ``divergence_factor`` x its running level, the
     median of its last ``window`` values floored at ``floor``. A median ignores the odd hard batch
@@ -314,13 +374,21 @@ class FiniteGuard(HookBase):
         names = list(result.losses)
         if not names:
             return
-        values = torch.stack([v.detach().float().reshape(()) for v in result.losses.values()]).tolist()
-        losses = dict(zip(names, values))
+        values = torch.stack([v.detach().float().reshape(()) for v in result.losses.values()])
+        per_rank = dist.all_gather_tensor(values).tolist()  # [W][K]: every rank decides on the same numbers
         where = f"at step {step} ({runner.desc})" if runner.desc else f"at step {step}"
-        if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"non-finite loss {where}: {_shown(losses)}")
+        for r, row in enumerate(per_rank):
+            if not all(math.isfinite(v) for v in row):
+                on = f" on rank {r}" if len(per_rank) > 1 else ""
+                raise dist.stopped_everywhere(FloatingPointError(
+                    f"non-finite loss {where}{on}: {_shown(dict(zip(names, row)))}"))
+        losses = dict(zip(names, per_rank[0] if len(per_rank) == 1 else
+                          [math.fsum(col) / len(per_rank) for col in zip(*per_rank)]))
         if self.divergence_factor is not None:
-            self._check(losses, where)
+            try:
+                self._check(losses, where)
+            except FloatingPointError as exc:
+                raise dist.stopped_everywhere(exc) from None
         for k, v in losses.items():
             self.history.setdefault(k, deque(maxlen=self.window)).append(v)
 
@@ -363,6 +431,12 @@ class LossMeter(HookBase):
         self.add(losses)
 
     def means(self, count: int) -> dict[str, float]:
+        """Mean per step over ``count`` steps (under torchrun, also over ranks: the global batch's)."""
+        if dist.active():
+            names = sorted(self.sums)
+            total = dist.all_reduce_sum(torch.stack([self.sums[k].double().cpu() for k in names]) if names
+                                        else torch.zeros(0, dtype=torch.float64))
+            return {k: float(v) / dist.world_size() / max(count, 1) for k, v in zip(names, total.tolist())}
         return {k: float(v) / max(count, 1) for k, v in self.sums.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -378,13 +452,18 @@ class LossMeter(HookBase):
 @torch.no_grad()
 def evaluate(adapter, dataset: Dataset, *, num_classes: int, ignore_index: int, batch_size: int,
              device: torch.device, desc: str = "evaluate", tta: TestTimeAugment | None = None) -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set (``tta``: multi-scale/flip views)."""
+    """mIoU, per-class IoU and pixel accuracy of ``adapter`` on a labelled data set (``tta``: multi-scale/flip views).
+
+    Under torchrun each rank predicts its contiguous shard of whole batches
+    (:func:`selftrain.dist.shard_of`: the batches one process makes) and the int64 confusion
+    matrices are summed over ranks, so every rank returns the numbers of one process."""
     tta = tta or TestTimeAugment()
     cm = ConfusionMatrix(num_classes, ignore_index)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dist.shard_of(dataset, batch_size), batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch in progress(loader, desc=desc, unit="batch"):
         pred = tta.predict(adapter, batch["image"].to(device)).logits.argmax(1).cpu()
         cm.update(pred, batch["label"])
+    dist.all_reduce_sum(cm.matrix)
     iou = cm.iou()
     return {"miou": float(np.nanmean(iou)) * 100, "iou": [None if math.isnan(v) else v * 100 for v in iou],
             "accuracy": cm.accuracy() * 100}
