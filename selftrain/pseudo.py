@@ -337,11 +337,8 @@ class _Part(Dataset):
 
 def _batch_shard(dataset: Dataset, batch_size: int) -> Dataset:
     """This process's contiguous shard of whole batches (the data set itself in one process)."""
-    if dist.world_size() == 1:
-        return dataset
-    n = len(dataset)
-    batches = dist.shard(-(-n // batch_size))
-    return _Part(dataset, range(min(batches.start * batch_size, n), min(batches.stop * batch_size, n)))
+    part = dist.shard_of(dataset, batch_size)
+    return dataset if part is dataset else _Part(dataset, part.indices)
 
 
 def loader(dataset: Dataset, *, batch_size: int, collate_fn: Callable, num_workers: int = 0,

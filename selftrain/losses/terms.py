@@ -127,12 +127,10 @@ class LossTerms:
 
 
 def sync_gradients(params: Sequence[nn.Parameter]) -> None:
-    """The one place where a term's gradients would be averaged over processes before its update.
-    One process: nothing to do. Several: not supported yet (each process's discriminators would
-    drift apart), so it refuses rather than train them unsynchronised."""
-    if dist.world_size() > 1:
-        raise NotImplementedError("loss terms with their own optimisers run in one process only; "
-                                  "launch one process or remove the loss term")
+    """The one place where a term's gradients are averaged over processes before its update, so
+    every process's discriminators take the same step and stay identical (nothing in one process).
+    Every process calls it for every update it runs, gradients or not, before deciding to skip."""
+    dist.average_gradients(params)
 
 
 class DiscriminatorUpdate(HookBase):
@@ -186,6 +184,7 @@ class DiscriminatorUpdate(HookBase):
                 self._step_on_own_loss(e, update, opt, batches)
 
     def _step_on_model_gradients(self, update: Update, opt: torch.optim.Optimizer) -> None:
+        sync_gradients(update.params)  # first: a skip below is then the same decision on every process
         grads = [p.grad for p in update.params if p.grad is not None]
         if not grads:
             return
@@ -194,7 +193,6 @@ class DiscriminatorUpdate(HookBase):
                 g.mul_(1.0 / self.scale)
             if not all(bool(torch.isfinite(g).all()) for g in grads):
                 return
-        sync_gradients(update.params)
         opt.step()
 
     def _step_on_own_loss(self, e: WeightedTerm, update: Update, opt: torch.optim.Optimizer,
@@ -208,9 +206,9 @@ class DiscriminatorUpdate(HookBase):
                 scaler.scale(sum(losses.values()) / runner.accumulate).backward()
             self._add({f"{e.key}/{k}": v for k, v in losses.items()})
             self._add({f"{e.key}/{k}": v for k, v in e.term.take_metrics().items()})
+        sync_gradients(update.params)
         if all(p.grad is None for p in update.params):
             return  # nothing to learn from this step (a GradScaler refuses an optimiser without gradients)
-        sync_gradients(update.params)
         scaler.step(opt)
         scaler.update()
 

@@ -98,9 +98,6 @@ def test_the_model_and_the_ema_teacher_stay_identical_on_both_ranks(det_tiny_rec
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="selftrain.losses.terms.sync_gradients refuses several processes; it is to call "
-                          "selftrain.dist.average_gradients (before its early returns)")
 def test_a_dann_discriminator_and_its_optimiser_stay_identical_on_both_ranks(det_tiny_recipe, tmp_path):
     a, b = replica_states(det_tiny_recipe, tmp_path, "--set", "losses=[{name: dann, weight: 0.5}]")
     assert a == b and any(k.startswith("/loss_terms/updates/") and "momentum" in k for k in a)
