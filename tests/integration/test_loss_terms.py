@@ -24,6 +24,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_bsr_and_dann_in_a_detection_run(det_tiny_recipe, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli("run", det_tiny_recipe, "--out", out, "--quiet", "--set",
@@ -42,6 +43,7 @@ def test_bsr_and_dann_in_a_detection_run(det_tiny_recipe, tmp_path):
     assert all(r["losses"]["bsr/bsr_raw"] == pytest.approx(r["losses"]["bsr/bsr"]) for r in recs)
 
 
+@pytest.mark.slow
 def test_output_space_in_a_segmentation_run(tiny_recipe, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli("run", tiny_recipe, "--out", out, "--quiet", "--set",
@@ -52,6 +54,7 @@ def test_output_space_in_a_segmentation_run(tiny_recipe, tmp_path):
         assert 0 < rec["losses"]["output_space/adv"] < 0.01  # weighted once: 0.001 x BCE (about 0.69)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_discriminators(det_tiny_recipe, resumed):
     full, part = resumed(det_tiny_recipe, ["--set", "losses=[{name: dann, weight: 0.5}]", "--set",
                                            "policy.options={threshold: 0.0}", "--quiet"])
@@ -136,6 +139,7 @@ def test_the_terms_train_bit_for_bit_as_before(name, det_tiny_recipe, tiny_recip
     assert digest(torch.load(out / "checkpoints" / "round_001.pt", weights_only=False)) == REFERENCE[name]
 
 
+@pytest.mark.slow
 def test_late_launch_and_milestones_in_a_run(det_tiny_recipe, tmp_path):
     out = tmp_path / "run"
     code, _, err = run_cli("run", det_tiny_recipe, "--out", out, "--quiet", "--set", "rounds.count=0",
@@ -150,6 +154,7 @@ def test_late_launch_and_milestones_in_a_run(det_tiny_recipe, tmp_path):
     assert state["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)  # followed the drop at step 3
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_the_older_layout_resumes(det_tiny_recipe, tmp_path):
     """Round checkpoints written before the terms had named updates (one optimiser state per term)."""
     full, part = tmp_path / "full", tmp_path / "part"

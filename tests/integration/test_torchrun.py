@@ -122,6 +122,7 @@ def test_a_known_error_on_rank_one_is_its_line_and_stops_rank_zero(tiny_recipe, 
     assert "exitcode  : 2" in stderr  # torchrun's report: rank 1 ended with the known-error code
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_rank_one_stops_both_ranks_with_one_line(tiny_recipe, tmp_path):
     errors, _ = failed_run(tiny_recipe, tmp_path / "run", "nan:1:3")
     assert errors == ["error: rank 0: non-finite loss at step 3 (round 0: source) on rank 1: src/ce=nan; "

@@ -62,6 +62,7 @@ def test_one_process_errors_keep_their_form(monkeypatch):
     assert result.exit_code == 2 and result.output.strip() == "error: bad; fix it"
 
 
+@pytest.mark.slow
 def test_python_dash_m_selftrain_is_the_command_line():
     done = subprocess.run([sys.executable, "-m", "selftrain", "list", "policies"], capture_output=True, text=True,
                           timeout=120)

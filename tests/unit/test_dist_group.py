@@ -21,6 +21,7 @@ from selftrain.training import (FiniteGuard, LossMeter, Replicas, StepResult, St
                                 make_scheduler)
 from selftrain.types import DetPrediction
 
+pytestmark = pytest.mark.slow  # spawns a two-process group (about 6 s); the full suite runs it
 WORLD = 2
 X = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))

@@ -267,6 +267,7 @@ def test_a_target_forward_in_train_mode_moves_no_statistics(norm):
     assert stats and any(not torch.equal(v, moved[k]) for k, v in stats.items())
 
 
+@pytest.mark.slow
 def test_tiny_frcnn_learns_one_batch():
     adapter = build()
     images, targets = batch(seed=6)
