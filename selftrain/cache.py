@@ -18,6 +18,7 @@ without changing the numbers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DataError
 from .tta import TestTimeAugment
 from .types import SegPrediction
 
@@ -58,12 +60,18 @@ class LogitCache:
 
         Logits beyond float16's range (|z| > 65504, where the softmax is one-hot anyway) are clipped
         to it rather than stored as infinities, whose costs would be NaN; a warning says so once.
+        NaN logits (a diverged model) are a DataError. Both come from one reduction per batch at the
+        network's output stride.
         """
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "wb")
         logits = logits.detach()
-        top = float(logits.abs().max()) if logits.numel() else 0.0
+        top = float(logits.abs().max()) if logits.numel() else 0.0  # NaN when any logit is NaN
+        if math.isnan(top):
+            raise DataError("the model's logits on the target images are not finite (NaN): the checkpoint that "
+                            "labels this round has diverged; resume from an earlier round's checkpoint or lower "
+                            "the learning rate")
         if top > _FLOAT16_MAX and not self._warned:
             self._warned = True
             log.warning("logits up to %.3g exceed float16's range: the labelling cache clips them to +-65504 (a model "

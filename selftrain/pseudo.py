@@ -100,10 +100,6 @@ class ThresholdLabeller:
         policy.reset()
 
     def observe(self, pred: SegPrediction) -> None:
-        if not bool(torch.isfinite(pred.logits).all()):
-            raise DataError("the model's logits on the target images are not finite (NaN or inf): the checkpoint "
-                            "that labels this round has diverged; resume from an earlier round's checkpoint or "
-                            "lower the learning rate")
         self.policy.observe(pred)
 
     def fit(self, replay: Callable[[], Iterable[SegPrediction]]) -> None:

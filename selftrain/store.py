@@ -334,7 +334,9 @@ class PseudoLabelWriter:
 
 def _to_float16(confidence: np.ndarray) -> np.ndarray:
     """float16 with values beyond its range clipped to +-65504 (NaN kept)."""
-    return np.clip(confidence.astype(np.float32), -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+    if confidence.dtype != np.float16:  # the labeller hands float16 already: no float32 copy of it
+        confidence = confidence.astype(np.float32)
+    return np.clip(confidence, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------

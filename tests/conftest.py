@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SELFTRAIN_QUIET", "1")
@@ -30,6 +31,16 @@ rounds: {{count: 2, steps: 3, batch_source: 2, batch_target: 2}}
 eval: {{batch_size: 4}}
 pseudo_batch_size: 5
 """
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    shared 2-core machine OpenMP's spinning threads made the detector tests 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

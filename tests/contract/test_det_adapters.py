@@ -19,16 +19,10 @@ SMALL = {"tiny_ssd": {}, "ssd300_vgg16": {},
          "fasterrcnn_resnet50_fpn": {"min_size": 128, "max_size": 128},
          "fasterrcnn_vgg16": {"min_size": 128, "max_size": 128, "width": 64}, "tiny_frcnn": {}}
 SLOW = {"ssd300_vgg16", "fasterrcnn_resnet50_fpn"}  # a forward pass costs seconds on a CPU
-DETECTORS = sorted(n for n in ADAPTERS.names() if ADAPTERS.get(n).__module__.endswith((".detection", ".tiny_frcnn")))
+DETECTORS = ADAPTERS.names(task="detection")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads made these 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_detector_has_a_small_configuration():
